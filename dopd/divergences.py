@@ -1,0 +1,145 @@
+"""Token-level divergences between the trained student and a target, at three scopes. Pure tensor functions.
+
+All functions take rows of logits ``[N, V]`` (one row per supervised token) and return one value per row
+``[N]`` in fp32. Gradients flow only into ``student``: every target is detached here, so a self-distillation
+target (the privileged student, same weights) can never leak gradient, whatever the caller does.
+
+Conventions (TRL >= 0.16, stated once): the generalised Jensen-Shannon divergence with mixture weight beta is
+``JS_b(S, T) = b*KL(T || M) + (1-b)*KL(S || M)`` with ``M = (1-b)*S + b*T``; the paper's JS (Eq. 4) is b=0.5.
+``fkl`` = KL(T || S) (Eq. 2), ``rkl`` = KL(S || T) (Eq. 3). Natural log.
+
+Scopes (Eq. 5): ``full`` (whole vocabulary, computed in row chunks so fp32 copies never exceed chunk x V),
+``topk`` (K entries chosen on the student's or the target's distribution without gradient, both sides
+renormalised on them, optionally with a tail bucket holding the remaining mass) and ``sampled`` (only the sampled
+token: an unbiased one-sample estimate of the value whose gradient is the score-function gradient of the full
+divergence, valid when the token was sampled from the student at temperature 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIVERGENCES = ("fkl", "rkl", "js")
+SCOPES = ("sampled", "topk", "full")
+
+
+def _check(divergence: str, beta: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence {divergence!r} unknown; choose one of {DIVERGENCES}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"js beta must lie in [0, 1], got {beta}")
+
+
+def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
+    """Divergence between two normalised log-distributions over the last axis (any support), per row."""
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if divergence == "rkl":
+        return (p_s * (log_s - log_t)).sum(-1)
+    if divergence == "fkl":
+        return (p_t * (log_t - log_s)).sum(-1)
+    if beta == 0.0:  # TRL's endpoints: the mixture degenerates, the value is the plain KL (a different scale)
+        return (p_t * (log_t - log_s)).sum(-1)
+    if beta == 1.0:
+        return (p_s * (log_s - log_t)).sum(-1)
+    log_m = torch.logsumexp(torch.stack([log_s + math.log1p(-beta), log_t + math.log(beta)]), dim=0)
+    kl_tm = (p_t * (log_t - log_m)).sum(-1)
+    kl_sm = (p_s * (log_s - log_m)).sum(-1)
+    return beta * kl_tm + (1.0 - beta) * kl_sm
+
+
+def full_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str, beta: float = 0.5,
+                    temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """Whole-vocabulary divergence per row, chunked over rows (fp32 only inside a chunk)."""
+    _check(divergence, beta)
+    target = target.detach()
+    out = []
+    for s, t in zip(student.split(chunk_size), target.split(chunk_size)):
+        if s.requires_grad and s.shape[0] > 0:
+            # Recompute the chunk's fp32 softmaxes in backward instead of keeping them: memory stays O(chunk x V).
+            out.append(torch.utils.checkpoint.checkpoint(_full_chunk, s, t, divergence, beta, temperature,
+                                                         use_reentrant=False))
+        else:
+            out.append(_full_chunk(s, t, divergence, beta, temperature))
+    return torch.cat(out) if out else student.new_zeros(0, dtype=torch.float32)
+
+
+def _full_chunk(s, t, divergence, beta, temperature):
+    log_s = torch.log_softmax(s.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(t.float() / temperature, dim=-1)
+    return divergence_from_logprobs(log_s, log_t, divergence, beta)
+
+
+def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str, k: int, beta: float = 0.5,
+                    support: str = "student", tail: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    """Divergence restricted to K vocabulary entries per row.
+
+    `support` picks whose top-K (no gradient through the choice). Without `tail`, both sides are renormalised on
+    the K entries (the paper's best reading); with `tail`, a (K+1)-th bucket carries each side's remaining mass.
+    """
+    _check(divergence, beta)
+    if support not in ("student", "target"):
+        raise ValueError(f"top-K support {support!r} unknown; choose 'student' or 'target'")
+    target = target.detach()
+    vocab = student.shape[-1]
+    if k <= 0:
+        raise ValueError(f"top_k must be positive, got {k}")
+    k = min(k, vocab)
+    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(target.float() / temperature, dim=-1)
+    idx = (log_s if support == "student" else log_t).detach().topk(k, dim=-1).indices
+    ks, kt = log_s.gather(-1, idx), log_t.gather(-1, idx)
+    if tail:
+        ks, kt = _with_tail(ks), _with_tail(kt)
+    else:
+        ks, kt = torch.log_softmax(ks, dim=-1), torch.log_softmax(kt, dim=-1)
+    return divergence_from_logprobs(ks, kt, divergence, beta)
+
+
+def _with_tail(log_k: torch.Tensor) -> torch.Tensor:
+    """Append log(1 - sum exp(log_k)) as one bucket; clamped so a full-mass support stays finite."""
+    mass = torch.logsumexp(log_k, dim=-1, keepdim=True)
+    rest = torch.log((-torch.expm1(mass)).clamp_min(1e-12))
+    return torch.cat([log_k, rest], dim=-1)
+
+
+def sampled_divergence(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, divergence: str,
+                       beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """One-sample estimate at the sampled token y ~ student.
+
+    Value: an unbiased estimate of the divergence (rkl: log S/T; fkl: (T/S) log T/S; js: the mixture terms,
+    importance-weighted where the expectation is under T). Gradient: g(y) * grad log S(y) with g = dD/dS(y)
+    detached, whose expectation is the exact gradient of the full divergence (the per-token "advantage" of
+    on-policy distillation: for rkl, g = log S(y)/T(y), Thinking Machines' per-token reverse KL).
+    """
+    _check(divergence, beta)
+    target = target.detach()
+    log_s = torch.log_softmax(student.float() / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    log_t = torch.log_softmax(target.float() / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    ls, lt = log_s.detach(), log_t
+    if divergence == "rkl" or (divergence == "js" and beta == 1.0):
+        value, g = ls - lt, ls - lt
+    elif divergence == "fkl" or (divergence == "js" and beta == 0.0):
+        w = (lt - ls).exp()
+        value, g = w * (lt - ls), -w
+    else:
+        log_m = torch.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
+        w = (lt - ls).exp()
+        value = beta * w * (lt - log_m) + (1.0 - beta) * (ls - log_m)
+        g = (1.0 - beta) * (ls - log_m)
+    # value + g * (log S - sg log S): forward equals `value`, backward equals g * grad log S.
+    return value + g * (log_s - ls)
+
+
+def divergence(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, *, divergence: str, scope: str,
+               beta: float = 0.5, top_k: int = 128, support: str = "student", tail: bool = False,
+               temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """Dispatch on scope; rows [N, V] -> [N] fp32."""
+    if scope == "full":
+        return full_divergence(student, target, divergence, beta, temperature, chunk_size)
+    if scope == "topk":
+        return topk_divergence(student, target, divergence, top_k, beta, support, tail, temperature)
+    if scope == "sampled":
+        return sampled_divergence(student, target, tokens, divergence, beta, temperature)
+    raise ValueError(f"scope {scope!r} unknown; choose one of {SCOPES}")

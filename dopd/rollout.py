@@ -1,0 +1,81 @@
+"""On-policy rollouts: the current student samples responses from its own context (x alone by default).
+
+Sampling uses `generate` with the KV cache and no gradient. The response mask keeps every token up to and
+including the first EOS (the terminating EOS is supervised, as in TRL's GKD); everything after it is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dopd.tasks.base import Example
+from dopd.view import Contexts, PrivilegedView
+
+
+@dataclass
+class Rollout:
+    examples: list[Example]  # one per row (prompts repeated n times)
+    context: Contexts  # the context the responses were sampled from
+    tokens: torch.Tensor  # [B, R] response ids, pad after EOS
+    mask: torch.Tensor  # [B, R] bool, True up to and including the first EOS
+    texts: list[str]  # decoded responses without special tokens
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+def response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """True up to and including the first EOS of each row; the whole row when it has none."""
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ~after_eos
+
+
+@torch.no_grad()
+def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, privileged: bool = False,
+           max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+           do_sample: bool = True) -> Rollout:
+    if max_new_tokens <= 0:
+        raise ValueError(f"rollout.max_new_tokens must be > 0, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"rollout.temperature must be > 0 when sampling, got {temperature}; use greedy decoding instead")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if top_k > vocab:
+        raise ValueError(f"rollout.top_k={top_k} exceeds the vocabulary ({vocab}); use 0 (off) or a value <= {vocab}")
+    rows = [ex for ex in examples for _ in range(n)]
+    device = next(model.parameters()).device
+    ctx = view.contexts(rows, privileged=privileged, device=device)
+    tok = view.tok
+    eos_ids = _eos_ids(model, tok)
+    was_training = model.training
+    model.eval()
+    try:
+        gen_kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                          eos_token_id=eos_ids, use_cache=True)
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **gen_kwargs)
+    finally:
+        model.train(was_training)
+    tokens = out[:, ctx.input_ids.shape[1]:]
+    if tokens.shape[1] == 0:  # generation stopped at once for every row
+        tokens = torch.full((len(rows), 1), eos_ids[0], dtype=torch.long, device=device)
+    mask = response_mask(tokens, eos_ids)
+    tokens = tokens.masked_fill(~mask, tok.pad_token_id)
+    texts = tok.batch_decode(tokens, skip_special_tokens=True)
+    return Rollout(rows, ctx, tokens, mask, texts)
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    if not ids:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an EOS token")
+    return ids

@@ -1,0 +1,307 @@
+"""The routing engine: per-token supervision chosen by the privilege advantage gap. The DOPD rule lives here.
+
+Every router (vanilla OPD, privileged variants, DOPD, its ablations, baselines) is a `RouterSpec`: which
+context the trained student sees, how the gap thresholds are computed, and one `Rule` per regime (or one rule
+for all tokens). One function, `routed_loss`, executes any spec. Pure tensors, no Lightning.
+
+DOPD (paper sections 2.2, 2.6-2.8), per response token n sampled by the student from x alone:
+
+    q_S = Pi_S(y_n | x, p, y<n)   (privileged student, same weights, no grad)
+    q_T = Pi_T(y_n | x, p, y<n)   (privileged teacher, frozen)
+    A   = |log q_T - log q_S|                                            (Eq. 1)
+    LH: A <  A_bar and q_S + q_T >= qS_bar + qT_bar   -> 0.6 * top-K reverse KL to the privileged teacher
+    LL: A <  A_bar and q_S + q_T <  qS_bar + qT_bar   -> 0.3 * top-K reverse KL to sg[privileged student]
+    HT: A >= A_bar and q_T >= q_S                     -> 1.0 * full-vocabulary JS to the privileged teacher
+    HS: A >= A_bar and q_T <  q_S                     -> 0.6 * top-K reverse KL to sg[privileged student]
+
+with the bars the trimmed batch means of A, q_S and q_T (drop the top 5% of each, average the rest), and the
+loss the mean over sequences of each sequence's mean token loss (Eq. 11). Gradients reach only the
+unprivileged student's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dopd.divergences import DIVERGENCES, SCOPES, divergence
+
+REGIMES = ("LH", "LL", "HT", "HS")
+TARGETS = ("teacher", "teacher_priv", "student_priv")
+PRUNE_BY = ("random", "low_gap", "high_gap")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one group of tokens is supervised."""
+
+    target: str = "teacher_priv"  # teacher (sees x) | teacher_priv (sees x, p) | student_priv (sg, sees x, p)
+    divergence: str = "rkl"  # fkl | rkl | js
+    scope: str = "topk"  # sampled | topk | full
+    weight: float = 1.0
+    beta: float = 0.5  # JS mixture weight (TRL convention); ignored by fkl/rkl
+    top_k: int = 128
+    support: str = "student"  # whose top-K: student | target
+    tail: bool = False  # top-K with a tail bucket instead of renormalisation
+
+    def __post_init__(self):
+        for name, value, valid in (("target", self.target, TARGETS), ("divergence", self.divergence, DIVERGENCES),
+                                   ("scope", self.scope, SCOPES), ("support", self.support, ("student", "target"))):
+            if value not in valid:
+                raise ValueError(f"router rule {name}={value!r} is not one of {valid}")
+        if self.top_k <= 0:
+            raise ValueError(f"router rule top_k must be positive, got {self.top_k}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"router rule beta must lie in [0, 1], got {self.beta}")
+
+
+@dataclass(frozen=True)
+class GapSpec:
+    """How the batch thresholds A_bar, qS_bar, qT_bar are computed (paper 2.6; ambiguity 8.1)."""
+
+    trim_top: float = 0.05  # fraction of the largest values dropped before averaging
+    trim: str = "all"  # all: trim A, q_S and q_T | gap: trim A only, plain means for q_S and q_T
+    normalize: str = "none"  # none: raw values | zscore: per-statistic z-scores (changes only the LH/LL split)
+
+    def __post_init__(self):
+        if not 0.0 <= self.trim_top < 1.0:
+            raise ValueError(f"router.gap.trim_top must lie in [0, 1), got {self.trim_top}")
+        if self.trim not in ("all", "gap"):
+            raise ValueError(f"router.gap.trim={self.trim!r} is not one of ('all', 'gap')")
+        if self.normalize not in ("none", "zscore"):
+            raise ValueError(f"router.gap.normalize={self.normalize!r} is not one of ('none', 'zscore')")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Drop a fraction of response tokens from the loss (Fig. 4): at random, or those with the lowest/highest A."""
+
+    fraction: float = 0.0
+    by: str = "random"
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"router.prune.fraction must lie in [0, 1), got {self.fraction}")
+        if self.by not in PRUNE_BY:
+            raise ValueError(f"router.prune.by={self.by!r} is not one of {PRUNE_BY}")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    name: str
+    rules: dict[str, Rule | None]  # {"all": rule} or one entry per regime in REGIMES (None drops the regime)
+    student_context: str = "plain"  # plain: train Pi_S(.|x) | privileged: train Pi_S(.|x,p) (Fig. 3 both-privileged)
+    gap: GapSpec = field(default_factory=GapSpec)
+    prune: PruneSpec = field(default_factory=PruneSpec)
+    temperature: float = 1.0  # loss temperature (sampling temperature is the rollout's own)
+    chunk_size: int = 1024  # rows per fp32 chunk of full-vocabulary divergences
+
+    def __post_init__(self):
+        keys = set(self.rules)
+        if keys != {"all"} and keys != set(REGIMES):
+            raise ValueError(f"router {self.name!r}: rules must be either {{all}} or exactly {set(REGIMES)}, got {sorted(keys)}")
+        if self.student_context not in ("plain", "privileged"):
+            raise ValueError(f"router.student_context={self.student_context!r} is not one of ('plain', 'privileged')")
+        if self.temperature <= 0:
+            raise ValueError(f"router.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def routes(self) -> bool:
+        """True when supervision depends on the regime, so the gap must be computed."""
+        return set(self.rules) == set(REGIMES)
+
+    @property
+    def needs_gap(self) -> bool:
+        return self.routes or (self.prune.fraction > 0 and self.prune.by != "random")
+
+    @property
+    def passes(self) -> set[str]:
+        """The no-grad forward passes this router needs: a subset of TARGETS."""
+        need = {r.target for r in self.rules.values() if r is not None}
+        if self.needs_gap:
+            need |= {"teacher_priv", "student_priv"}
+        return need
+
+
+@dataclass
+class RoutedLoss:
+    loss: torch.Tensor  # scalar; gradient only into the student's logits
+    token_loss: torch.Tensor  # [B, T] fp32, 0 where masked out
+    regime: torch.Tensor  # [B, T] long: 0=LH 1=LL 2=HT 3=HS, -1 masked out or gap not computed
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+# -- gap statistics ---------------------------------------------------------------------------------------------
+def sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits)[tokens] in fp32 without keeping a [B, T, V] fp32 copy."""
+    logits = logits.detach()
+    picked = logits.gather(-1, tokens[..., None]).squeeze(-1).float() / temperature
+    return picked - torch.logsumexp(logits.float() / temperature, dim=-1)
+
+
+def trimmed_mean(values: torch.Tensor, trim_top: float) -> torch.Tensor:
+    """Sort, drop the floor(trim_top * n) largest, average the rest."""
+    n = values.numel()
+    if n == 0:
+        return values.new_tensor(float("nan"))
+    drop = int(trim_top * n)
+    return values.sort().values[: n - drop].mean()
+
+
+@dataclass
+class Gap:
+    log_q_teacher: torch.Tensor  # [B, T]
+    log_q_student: torch.Tensor  # [B, T]
+
+    @property
+    def advantage(self) -> torch.Tensor:
+        return (self.log_q_teacher - self.log_q_student).abs()
+
+
+def assign_regimes(gap: Gap, mask: torch.Tensor, spec: GapSpec = GapSpec()) -> tuple[torch.Tensor, dict[str, float]]:
+    """Regime id per token (-1 outside the mask) and the thresholds used."""
+    a, q_s, q_t = gap.advantage, gap.log_q_student.exp(), gap.log_q_teacher.exp()
+    va, vs, vt = a[mask], q_s[mask], q_t[mask]
+    trim_q = spec.trim_top if spec.trim == "all" else 0.0
+    a_bar = trimmed_mean(va, spec.trim_top)
+    if spec.normalize == "zscore":
+        # z-scores with the trimmed set's mean and std; the threshold in z-space is 0 for each statistic.
+        conf = _zscore(q_s, vs, trim_q) + _zscore(q_t, vt, trim_q)
+        high_conf = conf >= 0
+        qs_bar, qt_bar = trimmed_mean(vs, trim_q), trimmed_mean(vt, trim_q)
+    else:
+        qs_bar, qt_bar = trimmed_mean(vs, trim_q), trimmed_mean(vt, trim_q)
+        high_conf = (q_s + q_t) >= (qs_bar + qt_bar)
+    low = a < a_bar
+    regime = torch.where(low, torch.where(high_conf, 0, 1), torch.where(q_t >= q_s, 2, 3))
+    regime = regime.masked_fill(~mask, -1)
+    return regime, {"a_bar": float(a_bar), "qs_bar": float(qs_bar), "qt_bar": float(qt_bar)}
+
+
+def _zscore(x: torch.Tensor, valid: torch.Tensor, trim_top: float) -> torch.Tensor:
+    n = valid.numel()
+    kept = valid.sort().values[: n - int(trim_top * n)] if n else valid
+    mu = kept.mean() if kept.numel() else x.new_tensor(0.0)
+    sd = kept.std(unbiased=False) if kept.numel() > 1 else x.new_tensor(1.0)
+    return (x - mu) / sd.clamp_min(1e-8)
+
+
+def prune_mask(mask: torch.Tensor, spec: PruneSpec, gap: Gap | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Tokens kept after dropping `fraction` of the masked-in ones (Fig. 4)."""
+    if spec.fraction <= 0:
+        return mask
+    n = int(mask.sum())
+    drop = int(spec.fraction * n)
+    if drop == 0:
+        return mask
+    if spec.by == "random":
+        score = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device)
+    else:
+        if gap is None:
+            raise ValueError("pruning by gap needs the privileged teacher and student passes")
+        score = gap.advantage if spec.by == "high_gap" else -gap.advantage
+    flat = score.masked_fill(~mask, float("-inf")).flatten()
+    out = mask.clone().flatten()
+    out[flat.topk(drop).indices] = False
+    return out.view_as(mask)
+
+
+# -- the engine -------------------------------------------------------------------------------------------------
+def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *,
+                teacher: torch.Tensor | None = None, teacher_priv: torch.Tensor | None = None,
+                student_priv: torch.Tensor | None = None, generator: torch.Generator | None = None) -> RoutedLoss:
+    """Execute a router on one batch. Logits [B, T, V] with [:, t] predicting tokens[:, t]; mask [B, T] bool."""
+    mask = mask.bool()
+    targets = {"teacher": teacher, "teacher_priv": teacher_priv, "student_priv": student_priv}
+    for name in spec.passes:
+        if targets[name] is None:
+            raise ValueError(f"router {spec.name!r} needs the {name} logits")
+        if targets[name].shape != student_logits.shape:
+            raise ValueError(f"{name} logits have shape {tuple(targets[name].shape)}, the student's "
+                             f"{tuple(student_logits.shape)}: passes are not aligned")
+    gap = None
+    if teacher_priv is not None and student_priv is not None:
+        gap = Gap(sampled_logprob(teacher_priv, tokens, spec.temperature),
+                  sampled_logprob(student_priv, tokens, spec.temperature))
+    stats: dict[str, float] = {}
+    if gap is not None and mask.any():
+        regime, thresholds = assign_regimes(gap, mask, spec.gap)
+        stats.update({f"gap/{k}": v for k, v in thresholds.items()})
+    else:
+        regime = torch.full_like(tokens, -1, dtype=torch.long)
+    keep = prune_mask(mask, spec.prune, gap, generator)
+
+    groups = {"all": keep} if not spec.routes else {r: keep & (regime == i) for i, r in enumerate(REGIMES)}
+    token_loss = torch.zeros(mask.shape, dtype=torch.float32, device=student_logits.device)
+    for name, sel in groups.items():
+        rule = spec.rules[name]
+        if rule is None or rule.weight == 0 or not sel.any():
+            continue
+        values = divergence(
+            student_logits[sel], targets[rule.target][sel], tokens[sel], divergence=rule.divergence,
+            scope=rule.scope, beta=rule.beta, top_k=rule.top_k, support=rule.support, tail=rule.tail,
+            temperature=spec.temperature, chunk_size=spec.chunk_size,
+        )
+        token_loss = token_loss.index_put((sel,), rule.weight * values)
+
+    # Eq. 11: each sequence's mean over its response tokens (1/|y|), then the mean over sequences that have any.
+    lengths = mask.sum(-1)
+    has = lengths > 0
+    if has.any():
+        per_seq = token_loss.sum(-1)[has] / lengths[has]
+        loss = per_seq.mean()
+    else:
+        loss = student_logits.sum() * 0.0  # keeps a graph so backward() and DDP still work
+    stats.update(_regime_stats(regime, token_loss, mask, gap))
+    return RoutedLoss(loss=loss, token_loss=token_loss, regime=regime, stats=stats)
+
+
+def _regime_stats(regime, token_loss, mask, gap) -> dict[str, float]:
+    n = int(mask.sum())
+    if n == 0 or gap is None:
+        return {}
+    out = {}
+    tl = token_loss.detach()
+    for i, r in enumerate(REGIMES):
+        sel = regime == i
+        k = int(sel.sum())
+        out[f"regime/{r}/frac"] = k / n
+        out[f"regime/{r}/loss"] = float(tl[sel].mean()) if k else 0.0
+    a = gap.advantage[mask]
+    for q in (0.1, 0.5, 0.9):
+        out[f"gap/A_q{int(q * 100)}"] = float(a.quantile(q))
+    out["gap/A_mean"] = float(a.mean())
+    out["gap/q_student"] = float(gap.log_q_student[mask].exp().mean())
+    out["gap/q_teacher"] = float(gap.log_q_teacher[mask].exp().mean())
+    return out
+
+
+# -- the DOPD preset and the paper's reusable contract ----------------------------------------------------------
+def dopd_spec(top_k: int = 128, beta_light: float = 0.6, beta_weak: float = 0.3, trim_top: float = 0.05,
+              name: str = "dopd") -> RouterSpec:
+    light_t = Rule("teacher_priv", "rkl", "topk", beta_light, top_k=top_k)
+    return RouterSpec(
+        name=name,
+        rules={
+            "LH": light_t,
+            "LL": replace(light_t, target="student_priv", weight=beta_weak),
+            "HT": Rule("teacher_priv", "js", "full", 1.0, beta=0.5),
+            "HS": replace(light_t, target="student_priv"),
+        },
+        gap=GapSpec(trim_top=trim_top),
+    )
+
+
+def dopd_loss(student_logits: torch.Tensor, priv_student_logits: torch.Tensor, priv_teacher_logits: torch.Tensor,
+              tokens: torch.Tensor, mask: torch.Tensor, *, top_k: int = 128, beta_light: float = 0.6,
+              beta_weak: float = 0.3, trim_top: float = 0.05) -> RoutedLoss:
+    """DOPD's loss for use inside any trainer. Returns `.loss`, `.token_loss` [B,T] and `.regime` [B,T].
+
+    `student_logits` come from the student without p (with grad); the two privileged logits from the student and
+    the frozen teacher with p (their gradients are never used). All three are [B, T, V] with [:, t] predicting
+    `tokens[:, t]`; `mask` [B, T] marks response tokens. Computed in fp32 whatever the input dtype.
+    """
+    spec = dopd_spec(top_k=top_k, beta_light=beta_light, beta_weak=beta_weak, trim_top=trim_top)
+    return routed_loss(spec, student_logits, tokens, mask, teacher_priv=priv_teacher_logits,
+                       student_priv=priv_student_logits)

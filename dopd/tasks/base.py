@@ -1,0 +1,31 @@
+"""What a task is: examples with a prompt x, a privileged text p, a reference solution and a checkable answer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str  # x: all the deployed student ever sees
+    hint: str  # p: privileged text, training-time only ("" when the form is "none")
+    answer: str  # the verifiable final answer
+    solution: str  # a reference response, used only by the SFT stage that builds the model zoo
+    domain: str = "default"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Task(Protocol):
+    """A source of examples per split and a verifier of responses."""
+
+    name: str
+    splits: tuple[str, ...]  # the first is the training split, the rest are evaluated
+
+    def examples(self, split: str, n: int, seed: int) -> list[Example]: ...
+
+    def extract_answer(self, response: str) -> str | None: ...
+
+    def is_correct(self, response: str, example: Example) -> bool: ...

@@ -1,0 +1,86 @@
+"""The privileged-input view: one example -> the unprivileged context (x) and the privileged context (x, p).
+
+It also owns the alignment guarantee every router relies on: contexts are left-padded and the student-sampled
+response is appended after them, so in *every* forward pass (student|x, student|x,p, teacher|x,p, teacher|x)
+logit position n predicts response token n, whatever the context length or padding. Position ids are derived
+from the attention mask, so left padding does not shift rotary positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dopd.tasks.base import Example
+
+
+@dataclass
+class Contexts:
+    input_ids: torch.Tensor  # [B, L] left-padded
+    attention_mask: torch.Tensor  # [B, L]
+
+
+class PrivilegedView:
+    """Formats x and (x, p) with string templates or a chat template, and scores aligned responses.
+
+    `plain` and `privileged` are str.format templates over {question} and {hint}. With `chat=True` (real
+    instruction-tuned models) the formatted text becomes the user turn of the tokenizer's chat template.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, plain: str = "Q:{question}\n",
+                 privileged: str = "H:{hint}\nQ:{question}\n", chat: bool = False, chat_kwargs: dict | None = None):
+        for name, tpl in (("plain", plain), ("privileged", privileged)):
+            if "{question}" not in tpl:
+                raise ValueError(f"view.{name} template {tpl!r} must contain {{question}}")
+        if "{hint}" not in privileged:
+            raise ValueError(f"view.privileged template {privileged!r} must contain {{hint}}: it is where p goes")
+        self.tok, self.plain, self.privileged, self.chat = tokenizer, plain, privileged, chat
+        self.chat_kwargs = dict(chat_kwargs or {})
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def text(self, ex: Example, privileged: bool) -> str:
+        body = (self.privileged if privileged else self.plain).format(question=ex.question, hint=ex.hint)
+        if not self.chat:
+            return body
+        return self.tok.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                            add_generation_prompt=True, **self.chat_kwargs)
+
+    def contexts(self, examples: list[Example], privileged: bool, device=None) -> Contexts:
+        texts = [self.text(ex, privileged) for ex in examples]
+        self.tok.padding_side = "left"
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
+        return Contexts(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+    def response_ids(self, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise reference responses (SFT) right-padded, each followed by EOS; returns (ids, mask)."""
+        eos = self.tok.eos_token_id
+        rows = [self.tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = True
+        return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding never shifts them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, ctx: Contexts, response: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Logits [B, R, V] where [:, n] predicts response[:, n]; only response positions reach the lm_head.
+
+    Context and response are concatenated; padding after EOS in the response is masked out of attention.
+    """
+    ids = torch.cat([ctx.input_ids, response], dim=1)
+    attn = torch.cat([ctx.attention_mask, response_mask.to(ctx.attention_mask.dtype)], dim=1)
+    r = response.shape[1]
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=r + 1,
+                use_cache=False)
+    return out.logits[:, :-1]
