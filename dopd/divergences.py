@@ -1,8 +1,9 @@
 """Token-level divergences between the trained student and a target, at three scopes. Pure tensor functions.
 
 All functions take rows of logits ``[N, V]`` (one row per supervised token) and return one value per row
-``[N]`` in fp32. Gradients flow only into ``student``: every target is detached here, so a self-distillation
-target (the privileged student, same weights) can never leak gradient, whatever the caller does.
+``[N]`` in fp32 (fp64 inputs stay fp64, so an fp64 gradcheck is meaningful). Gradients flow only into
+``student``: every target is detached here, so a self-distillation target (the privileged student, same weights)
+can never leak gradient, whatever the caller does.
 
 Conventions (TRL >= 0.16, stated once): the generalised Jensen-Shannon divergence with mixture weight beta is
 ``JS_b(S, T) = b*KL(T || M) + (1-b)*KL(S || M)`` with ``M = (1-b)*S + b*T``; the paper's JS (Eq. 4) is b=0.5.
@@ -30,6 +31,11 @@ def _check(divergence: str, beta: float) -> None:
         raise ValueError(f"divergence {divergence!r} unknown; choose one of {DIVERGENCES}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"js beta must lie in [0, 1], got {beta}")
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to fp32 for the math (bf16/fp16 -> fp32); never downcast fp64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
@@ -66,8 +72,8 @@ def full_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
 
 
 def _full_chunk(s, t, divergence, beta, temperature):
-    log_s = torch.log_softmax(s.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(t.float() / temperature, dim=-1)
+    log_s = torch.log_softmax(_up(s) / temperature, dim=-1)
+    log_t = torch.log_softmax(_up(t) / temperature, dim=-1)
     return divergence_from_logprobs(log_s, log_t, divergence, beta)
 
 
@@ -86,8 +92,8 @@ def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
     if k <= 0:
         raise ValueError(f"top_k must be positive, got {k}")
     k = min(k, vocab)
-    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(target.float() / temperature, dim=-1)
+    log_s = torch.log_softmax(_up(student) / temperature, dim=-1)
+    log_t = torch.log_softmax(_up(target) / temperature, dim=-1)
     idx = (log_s if support == "student" else log_t).detach().topk(k, dim=-1).indices
     ks, kt = log_s.gather(-1, idx), log_t.gather(-1, idx)
     if tail:
@@ -115,8 +121,8 @@ def sampled_divergence(student: torch.Tensor, target: torch.Tensor, tokens: torc
     """
     _check(divergence, beta)
     target = target.detach()
-    log_s = torch.log_softmax(student.float() / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    log_t = torch.log_softmax(target.float() / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    log_s = torch.log_softmax(_up(student) / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    log_t = torch.log_softmax(_up(target) / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     ls, lt = log_s.detach(), log_t
     if divergence == "rkl" or (divergence == "js" and beta == 1.0):
         value, g = ls - lt, ls - lt

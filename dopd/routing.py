@@ -213,6 +213,8 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
                 student_priv: torch.Tensor | None = None, generator: torch.Generator | None = None) -> RoutedLoss:
     """Execute a router on one batch. Logits [B, T, V] with [:, t] predicting tokens[:, t]; mask [B, T] bool."""
     mask = mask.bool()
+    # Masked-out positions may carry any id (e.g. -100 labels); they never reach the loss, so gather at id 0 there.
+    tokens = tokens.masked_fill(~mask, 0)
     targets = {"teacher": teacher, "teacher_priv": teacher_priv, "student_priv": student_priv}
     for name in spec.passes:
         if targets[name] is None:
@@ -243,7 +245,7 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
             scope=rule.scope, beta=rule.beta, top_k=rule.top_k, support=rule.support, tail=rule.tail,
             temperature=spec.temperature, chunk_size=spec.chunk_size,
         )
-        token_loss = token_loss.index_put((sel,), rule.weight * values)
+        token_loss = token_loss.index_put((sel,), (rule.weight * values).float())
 
     # Eq. 11: each sequence's mean over its response tokens (1/|y|), then the mean over sequences that have any.
     lengths = mask.sum(-1)
@@ -252,7 +254,8 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
         per_seq = token_loss.sum(-1)[has] / lengths[has]
         loss = per_seq.mean()
     else:
-        loss = student_logits.sum() * 0.0  # keeps a graph so backward() and DDP still work
+        # An empty fp32 sum: 0 with a graph (backward() and DDP still work), fp32 and finite whatever the logits.
+        loss = student_logits[..., :0].float().sum()
     stats.update(_regime_stats(regime, token_loss, mask, gap))
     return RoutedLoss(loss=loss, token_loss=token_loss, regime=regime, stats=stats)
 
@@ -286,7 +289,7 @@ def dopd_spec(top_k: int = 128, beta_light: float = 0.6, beta_weak: float = 0.3,
         rules={
             "LH": light_t,
             "LL": replace(light_t, target="student_priv", weight=beta_weak),
-            "HT": Rule("teacher_priv", "js", "full", 1.0, beta=0.5),
+            "HT": Rule("teacher_priv", "js", "topk", 1.0, beta=0.5, top_k=top_k),
             "HS": replace(light_t, target="student_priv"),
         },
         gap=GapSpec(trim_top=trim_top),

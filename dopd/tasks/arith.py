@@ -35,12 +35,18 @@ _ANSWER = re.compile(r"#(-?\d+)")
 
 @dataclass
 class ArithTask:
-    """Expressions of `n_ops` operations over operands of up to `max_digits` digits (`*` takes a 1-digit factor)."""
+    """Expressions of `n_ops` operations over operands of up to `max_digits` digits (`*` takes a 1-digit factor).
+
+    `max_operand`, when set, additionally caps every operand drawn by digit count (not the 2-9 factor of `*`)
+    at that value: a difficulty knob between `max_digits=1` and `max_digits=2`. None (default) keeps the cap
+    at `10**max_digits - 1`, the original distribution.
+    """
 
     name: str = "arith"
     n_ops: int = 2
     ood_extra_ops: int = 1
     max_digits: int = 2
+    max_operand: int | None = None
     hint_form: str = "stepwise"
     splits: tuple[str, ...] = ("train", "test", "ood")
 
@@ -49,6 +55,8 @@ class ArithTask:
             raise ValueError(f"task.hint_form={self.hint_form!r} is not one of {HINT_FORMS}; set task.hint_form=...")
         if self.n_ops < 1 or self.max_digits < 1:
             raise ValueError(f"task.n_ops and task.max_digits must be >= 1, got {self.n_ops} and {self.max_digits}")
+        if self.max_operand is not None and self.max_operand < 1:
+            raise ValueError(f"task.max_operand must be >= 1 or None, got {self.max_operand}")
 
     # -- generation -------------------------------------------------------------------------------------------
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
@@ -75,7 +83,8 @@ class ArithTask:
         return out
 
     def _operand(self, rng: random.Random) -> int:
-        return rng.randint(1, 10 ** rng.randint(1, self.max_digits) - 1)
+        hi = 10 ** rng.randint(1, self.max_digits) - 1
+        return rng.randint(1, hi if self.max_operand is None else min(hi, self.max_operand))
 
     def _one(self, rng: random.Random, n_ops: int) -> Example | None:
         ops = [rng.choice("+-*") for _ in range(n_ops)]

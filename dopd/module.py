@@ -1,0 +1,186 @@
+"""The LightningModule: a trainable student, a frozen teacher and the privileged view, driven by a router.
+
+One training step, top to bottom (`training_step`):
+  1. the student samples `rollout.n` responses per prompt from x alone (no grad, KV cache);
+  2. the student scores them from its own context *with* grad: Pi_S(. | x, y<n);
+  3. only the passes the router needs run without grad: teacher|x, teacher|x,p, student|x,p;
+  4. `routed_loss` picks each token's target, divergence, scope and weight, and reduces per Eq. 11.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from dopd.metrics import masked_entropy
+from dopd.rollout import Rollout, sample
+from dopd.routing import RouterSpec, routed_loss
+from dopd.view import PrivilegedView, response_logits
+
+
+class DistillModule(L.LightningModule):
+    def __init__(self, student, teacher, view: PrivilegedView, router: RouterSpec, task, *, rollout: dict,
+                 optim: dict, eval: dict, checkpoint_teacher: bool = False):
+        super().__init__()
+        self.student, self.teacher, self.view, self.router, self.task = student, teacher, view, router, task
+        self.rollout_cfg, self.optim_cfg, self.eval_cfg = dict(rollout), dict(optim), dict(eval)
+        self.checkpoint_teacher = checkpoint_teacher
+        self.teacher.eval().requires_grad_(False)
+        self.strict_loading = False  # the teacher is not in checkpoints unless asked for
+        self.prune_generator = torch.Generator()
+        self.nonfinite_steps = 0
+
+    # The frozen teacher stays in eval mode whatever Lightning does with the student.
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a batch is a list of text examples; the view builds tensors on the right device
+
+    def rollouts(self, batch) -> Rollout:
+        r = self.rollout_cfg
+        return sample(self.student, self.view, batch, n=r["n"], privileged=self.router.student_context == "privileged",
+                      max_new_tokens=r["max_new_tokens"], temperature=r["temperature"], top_p=r["top_p"],
+                      top_k=r.get("top_k", 0))
+
+    def forward_passes(self, roll: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits (with grad) and the no-grad target logits the router asks for, all aligned."""
+        tokens, mask, dev = roll.tokens, roll.mask, self.device
+        need = self.router.passes
+        ctx = {("privileged" if self.router.student_context == "privileged" else "plain"): roll.context}
+
+        def context(name):
+            if name not in ctx:
+                ctx[name] = self.view.contexts(roll.examples, privileged=name == "privileged", device=dev)
+            return ctx[name]
+
+        student_logits = response_logits(self.student, context(self.router.student_context), tokens, mask)
+        targets = {}
+        with torch.no_grad():
+            if "teacher" in need:
+                targets["teacher"] = response_logits(self.teacher, context("plain"), tokens, mask)
+            if "teacher_priv" in need:
+                targets["teacher_priv"] = response_logits(self.teacher, context("privileged"), tokens, mask)
+            if "student_priv" in need:
+                if self.router.student_context == "privileged":
+                    targets["student_priv"] = student_logits.detach()
+                else:
+                    targets["student_priv"] = response_logits(self.student, context("privileged"), tokens, mask)
+        return student_logits, targets
+
+    def training_step(self, batch, batch_idx):
+        roll = self.rollouts(batch)
+        student_logits, targets = self.forward_passes(roll)
+        out = routed_loss(self.router, student_logits, roll.tokens, roll.mask, generator=self.prune_generator, **targets)
+        if not torch.isfinite(out.loss):
+            return self._skip_nonfinite(out.loss)
+        with torch.no_grad():
+            entropy = masked_entropy(student_logits.detach(), roll.mask)
+        n = len(roll.examples)
+        metrics = {"train/loss": out.loss.detach(), "train/entropy": entropy,
+                   "train/response_len": roll.lengths.float().mean(),
+                   "train/eos_rate": (roll.tokens == self.view.tok.eos_token_id).any(-1).float().mean(),
+                   "train/reward": self._accuracy(roll)}
+        metrics.update({f"train/{k}": v for k, v in out.stats.items()})
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n, prog_bar=False)
+        self.log("loss", out.loss.detach(), prog_bar=True, on_step=True, batch_size=n, logger=False)
+        return out.loss
+
+    def _accuracy(self, roll: Rollout) -> torch.Tensor:
+        """Fraction of sampled responses that are correct: the on-policy 'reward' (logged, never optimised)."""
+        ok = [self.task.is_correct(t, ex) for t, ex in zip(roll.texts, roll.examples)]
+        return torch.tensor(sum(ok) / max(1, len(ok)))
+
+    def _skip_nonfinite(self, loss):
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
+        limit = self.optim_cfg.get("max_nonfinite_steps", 10)
+        if self.nonfinite_steps > limit:
+            raise FloatingPointError(
+                f"loss was NaN/inf on {self.nonfinite_steps} steps (limit optim.max_nonfinite_steps={limit}); "
+                "check the teacher weights and the learning rate")
+        return None  # Lightning skips the optimiser step when training_step returns None
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        opt = torch.optim.AdamW(self.student.parameters(), lr=o["lr"], weight_decay=o.get("weight_decay", 0.0),
+                                betas=tuple(o.get("betas", (0.9, 0.999))))
+        total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1000)
+        warmup = int(o.get("warmup_steps", 0))
+        floor = o.get("min_lr_ratio", 0.0)
+
+        def schedule(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if o.get("scheduler", "cosine") == "constant":
+                return 1.0
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation: greedy decoding *without* p on held-out prompts ----------------------------------------------
+    def on_train_start(self):
+        if self.eval_cfg.get("at_start", True) and self.global_step == 0:
+            self.evaluate()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        every = self.eval_cfg.get("every", 0)
+        if every and self.global_step % every == 0 and self.global_step < self.trainer.max_steps:
+            self.evaluate()
+
+    def on_train_end(self):
+        self.evaluate()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        dm = self.trainer.datamodule
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        results: dict[str, float] = {}
+        accs = []
+        for split, examples in dm.eval_examples.items():
+            acc, length = MeanMetric().to(self.device), MeanMetric().to(self.device)
+            shard = examples[rank::world]
+            bs = self.eval_cfg.get("batch_size", 256)
+            for i in range(0, len(shard), bs):
+                chunk = shard[i : i + bs]
+                roll = sample(self.student, self.view, chunk, do_sample=False,
+                              max_new_tokens=self.rollout_cfg["max_new_tokens"])
+                ok = torch.tensor([float(self.task.is_correct(t, ex)) for t, ex in zip(roll.texts, chunk)])
+                acc.update(ok.to(self.device))
+                length.update(roll.lengths.float())
+            results[f"eval/acc/{split}"] = float(acc.compute())
+            results[f"eval/response_len/{split}"] = float(length.compute())
+            accs.append(results[f"eval/acc/{split}"])
+        if accs:
+            results["eval/acc/avg"] = sum(accs) / len(accs)
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(results, step=self.global_step)
+        self.last_eval = results
+        return results
+
+    # -- checkpoints: the frozen teacher is reloaded from its source, not saved, unless asked ---------------------
+    def on_save_checkpoint(self, checkpoint):
+        if not self.checkpoint_teacher:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["dopd"] = {"router": asdict(self.router), "nonfinite_steps": self.nonfinite_steps,
+                              "prune_generator": self.prune_generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint):
+        extra = checkpoint.get("dopd", {})
+        self.nonfinite_steps = extra.get("nonfinite_steps", 0)
+        if "prune_generator" in extra:
+            self.prune_generator.set_state(extra["prune_generator"])
+        missing = [k for k in self.state_dict() if k.startswith("student.") and k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} student weights (e.g. {missing[0]}); it was not written "
+                           "by this model configuration")

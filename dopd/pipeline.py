@@ -1,0 +1,103 @@
+"""From a composed Hydra config to a finished run: build everything, train, evaluate, log. Called by train.py."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from dopd.data import PromptDataModule
+from dopd.models import load_pair
+from dopd.module import DistillModule
+from dopd.routing import GapSpec, PruneSpec, RouterSpec, Rule
+from dopd.tracking import log_config, make_logger
+from dopd.view import PrivilegedView
+
+log = logging.getLogger(__name__)
+# Expected here: the frozen teacher is in eval mode, and batches are text that the module moves itself.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
+_RULE_KEYS = set(Rule.__dataclass_fields__)
+
+
+def build_router(cfg: DictConfig) -> RouterSpec:
+    """A router config -> RouterSpec. Rules are {all: rule} or one per regime; `null` drops a regime."""
+    rules = {}
+    for name, rule in cfg.rules.items():
+        if rule is None:
+            rules[str(name)] = None
+            continue
+        rule = OmegaConf.to_container(rule, resolve=True)
+        unknown = set(rule) - _RULE_KEYS
+        if unknown:
+            raise ValueError(f"router.rules.{name} has unknown keys {sorted(unknown)}; valid: {sorted(_RULE_KEYS)}")
+        rules[str(name)] = Rule(**rule)
+    return RouterSpec(
+        name=str(cfg.name), rules=rules, student_context=str(cfg.get("student_context", "plain")),
+        gap=GapSpec(**OmegaConf.to_container(cfg.get("gap", {}), resolve=True)),
+        prune=PruneSpec(**OmegaConf.to_container(cfg.get("prune", {}), resolve=True)),
+        temperature=float(cfg.get("temperature", 1.0)), chunk_size=int(cfg.get("chunk_size", 1024)),
+    )
+
+
+def build_task(cfg: DictConfig):
+    spec = OmegaConf.to_container(cfg, resolve=True)
+    spec.pop("view", None)
+    return hydra.utils.instantiate(spec)
+
+
+def build_view(cfg: DictConfig, tokenizer) -> PrivilegedView:
+    v = cfg.task.view
+    return PrivilegedView(tokenizer, plain=v.plain, privileged=v.privileged, chat=bool(cfg.model.get("chat", False)),
+                          chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {})
+
+
+def run_dir() -> Path:
+    """The job's output folder (Hydra's run or sweep subdir; the run dir when composed without a launch)."""
+    if not HydraConfig.initialized():
+        return Path.cwd()
+    hc = HydraConfig.get()
+    if not OmegaConf.is_missing(hc.runtime, "output_dir"):
+        return Path(hc.runtime.output_dir)
+    return Path(hc.run.dir)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train one job; returns the final held-out accuracy averaged over evaluation splits (for sweepers)."""
+    root = Path(cfg.paths.root)
+    router = build_router(cfg.router)  # validate cheap things before loading models or touching MLflow
+    logger = make_logger(cfg, root)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
+    task = build_task(cfg.task)
+    pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True), root=root)
+    view = build_view(cfg, pair.tokenizer)
+    data = PromptDataModule(task, batch_size=cfg.data.batch_size, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval,
+                            seed=cfg.seed, data_seed=cfg.data.seed)
+    module = DistillModule(pair.student, pair.teacher, view, router, task, rollout=cfg.rollout, optim=cfg.optim,
+                           eval=cfg.eval, checkpoint_teacher=cfg.checkpoint_teacher)
+    out = run_dir()
+    log_config(logger, cfg, out)
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
+                           every_n_train_steps=cfg.get("checkpoint_every", 50))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    callbacks = [ckpt]
+    if trainer_kwargs.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar() if cfg.get("rich_progress", True) else TQDMProgressBar())
+    trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out))
+    log.info("router=%s passes=%s pair=%s task=%s -> %s", router.name, sorted(router.passes), pair.name, task.name, out)
+    try:
+        trainer.fit(module, datamodule=data)
+    except BaseException:
+        logger.finalize("FAILED")
+        raise
+    final = getattr(module, "last_eval", {})
+    log.info("final evaluation: %s", {k: round(v, 4) for k, v in final.items()})
+    return float(final.get("eval/acc/avg", float("nan")))

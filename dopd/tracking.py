@@ -1,0 +1,150 @@
+"""MLflow tracking: an embedded SQLite store by default, one parent run per sweep, explicit run names.
+
+Lightning's MLFlowLogger creates one flat run per job with a random name (identical across seeded jobs) and a
+file store that current MLflow rejects. Here every job gets a name that says what it is (`dopd-seed1`), tags
+that the MLflow UI can filter on, and, in a multirun, the tag `mlflow.parentRunId` of a parent run that
+`MLflowSweepCallback` opens before the first job and closes after the last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+PARENT_ENV = "DOPD_MLFLOW_PARENT_RUN_ID"
+PARENT_FILE = "mlflow_parent_run_id"
+SWEEP_KEYS_ENV = "DOPD_SWEEP_KEYS"
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Reject the file store early with a fix, and make sure a SQLite database's folder exists."""
+    if uri.startswith("file:") or "://" not in uri:
+        raise ValueError(
+            f"logger.tracking_uri={uri!r} is a file store, which current MLflow rejects. Use "
+            "logger.tracking_uri=sqlite:///path/to/mlflow.db (the default) or http://host:port for a server."
+        )
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"cannot create the MLflow database folder {db.parent} ({err}); "
+                                  "point logger.tracking_uri at a writable location") from err
+        if not os.access(db.parent, os.W_OK):
+            raise PermissionError(f"the MLflow database folder {db.parent} is not writable; "
+                                  "point logger.tracking_uri at a writable location")
+    return uri
+
+
+def experiment_id(client: mlflow.MlflowClient, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parent_run_id() -> str | None:
+    """The sweep's parent run, from the environment (basic/joblib launchers) or the sweep folder (submitit)."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            f = Path(hc.sweep.dir) / PARENT_FILE
+            if f.exists():
+                return f.read_text().strip()
+    return None
+
+
+def run_name(cfg: DictConfig) -> str:
+    """`<router>-seed<seed>`, plus this job's value of every other key the sweep varies (unique within a sweep)."""
+    if cfg.logger.get("run_name"):
+        return str(cfg.logger.run_name)
+    name = f"{cfg.router.name}-seed{cfg.seed}"
+    swept = set(filter(None, os.environ.get(SWEEP_KEYS_ENV, "").split(","))) - {"router", "seed"}
+    if swept and HydraConfig.initialized():
+        extra = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+        if extra:
+            name += "-" + ",".join(extra)
+    return name[:250]
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a multirun varies (`a=1,2`, `range(...)`, `choice(...)`, globs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
+
+
+def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
+    lc = cfg.logger
+    uri = check_tracking_uri(str(lc.tracking_uri))
+    tags = {"router": cfg.router.name, "seed": str(cfg.seed), "task": cfg.task.name, "pair": cfg.model.name,
+            "git_commit": git_commit(root), "stage": str(cfg.get("stage", "distill"))}
+    tags.update({str(k): str(v) for k, v in (lc.get("tags") or {}).items()})
+    parent = parent_run_id()
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return MLFlowLogger(experiment_name=lc.experiment, run_name=run_name(cfg), tracking_uri=uri, tags=tags,
+                        artifact_location=lc.get("artifact_location"), log_model=False, run_id=lc.get("run_id"))
+
+
+class MLflowSweepCallback(Callback):
+    """Opens a parent run before a multirun's first job and closes it after the last."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        lc = config.logger
+        uri = check_tracking_uri(str(lc.tracking_uri))
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = experiment_id(client, lc.experiment, lc.get("artifact_location"))
+        overrides = list(config.hydra.overrides.task)
+        name = lc.get("sweep_name") or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = client.create_run(exp, run_name=name, tags={"sweep": "true", "overrides": " ".join(overrides)[:5000],
+                                                          "git_commit": git_commit(Path(config.paths.root))})
+        self.client, self.run_id = client, run.info.run_id
+        os.environ[PARENT_ENV] = run.info.run_id
+        os.environ[SWEEP_KEYS_ENV] = ",".join(swept_keys(overrides))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
+        log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if getattr(self, "run_id", None):
+            self.client.set_terminated(self.run_id, "FINISHED")
+            os.environ.pop(PARENT_ENV, None)
+            os.environ.pop(SWEEP_KEYS_ENV, None)
+
+
+def log_config(logger: MLFlowLogger, cfg: DictConfig, out_dir: Path) -> None:
+    """Params: the flattened resolved config; artifact: the resolved YAML."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # tests compose with Hydra's own node
+    logger.log_hyperparams(OmegaConf.to_container(job, resolve=True))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(job, resolve=True))
+    logger.experiment.log_artifact(logger.run_id, str(path))

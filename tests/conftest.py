@@ -1,0 +1,38 @@
+"""Shared fixtures: composed Hydra configs on tiny random models, and a throwaway MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+
+import dopd
+
+CONF = str(dopd.PROJECT_ROOT / "conf")
+torch.set_num_threads(1)
+
+# Overrides that make any router run in seconds on random weights.
+FAST = ["model=tiny_random", "trainer.max_steps=2", "eval.every=1", "data.n_eval=8", "data.n_train=64",
+        "data.batch_size=2", "rollout.n=2", "rollout.max_new_tokens=8", "rich_progress=false",
+        "+trainer.enable_model_summary=false", "+trainer.enable_progress_bar=false"]
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
+    """Compose conf/train.yaml as Hydra would, with hydra's own node, outputs redirected under tmp_path."""
+    GlobalHydra.instance().clear()
+    extra = []
+    if tmp_path is not None:
+        extra = [f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, *extra], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/mlflow.db"

@@ -1,0 +1,32 @@
+"""A real multirun through train.py: one MLflow parent run, uniquely named children with params and metrics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tests.conftest import CONF, FAST
+
+
+@pytest.mark.slow
+def test_multirun_nests_children_under_one_parent(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "train.py", "-m", "router=vanilla,dopd", "seed=1", *FAST, f"logger.tracking_uri={uri}",
+           f"paths.output_dir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=CONF.rsplit("/", 1)[0], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.info.run_name for c in children) == ["dopd-seed1", "vanilla-seed1"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.params["router/name"] == c.data.tags["router"]
+        assert {"train/loss", "eval/acc/avg"} <= set(c.data.metrics)
+    assert parents[0].info.status == "FINISHED"
