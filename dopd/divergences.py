@@ -40,6 +40,10 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
     """Divergence between two normalised log-distributions over the last axis (any support), per row."""
+    # -inf log-probs (masked vocabulary entries) become the most negative finite value: 0 * finite stays 0,
+    # where 0 * (-inf - -inf) would be NaN in the value and the gradient.
+    floor = torch.finfo(log_s.dtype).min
+    log_s, log_t = log_s.clamp_min(floor), log_t.clamp_min(floor)
     p_s, p_t = log_s.exp(), log_t.exp()
     if divergence == "rkl":
         return (p_s * (log_s - log_t)).sum(-1)

@@ -10,6 +10,7 @@ One training step, top to bottom (`training_step`):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict
 
 import lightning as L
@@ -18,8 +19,9 @@ from torchmetrics import MeanMetric
 
 from dopd.metrics import masked_entropy
 from dopd.rollout import Rollout, sample
-from dopd.routing import RouterSpec, routed_loss
+from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss, sampled_logprob
 from dopd.view import PrivilegedView, response_logits
+from dopd.visualize import regime_html, regime_png, rows_from_batch, token_strings
 
 
 class DistillModule(L.LightningModule):
@@ -44,9 +46,9 @@ class DistillModule(L.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a batch is a list of text examples; the view builds tensors on the right device
 
-    def rollouts(self, batch) -> Rollout:
+    def rollouts(self, batch, n: int | None = None) -> Rollout:
         r = self.rollout_cfg
-        return sample(self.student, self.view, batch, n=r["n"], privileged=self.router.student_context == "privileged",
+        return sample(self.student, self.view, batch, n=n or r["n"], privileged=self.router.student_context == "privileged",
                       max_new_tokens=r["max_new_tokens"], temperature=r["temperature"], top_p=r["top_p"],
                       top_k=r.get("top_k", 0))
 
@@ -165,8 +167,45 @@ class DistillModule(L.LightningModule):
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(results, step=self.global_step)
+            if self.eval_cfg.get("routing_samples", 0):
+                self.log_routing(dm.eval_examples[next(iter(dm.eval_examples))][: self.eval_cfg["routing_samples"]])
         self.last_eval = results
         return results
+
+    @torch.no_grad()
+    def log_routing(self, examples) -> Path:
+        """Fig. 9: sampled responses coloured by regime (HTML with hover details, and a PNG), as MLflow artifacts.
+
+        All three reference passes are run here, whatever the router, so any run can be inspected this way.
+        """
+        roll = self.rollouts(examples, n=1)
+        tokens, mask, rows = roll.tokens, roll.mask, roll.examples
+        plain = self.view.contexts(rows, privileged=False, device=self.device)
+        priv = self.view.contexts(rows, privileged=True, device=self.device)
+        student_ctx = priv if self.router.student_context == "privileged" else plain
+        logits = {"teacher": response_logits(self.teacher, plain, tokens, mask),
+                  "teacher_priv": response_logits(self.teacher, priv, tokens, mask),
+                  "student_priv": response_logits(self.student, priv, tokens, mask)}
+        student_logits = response_logits(self.student, student_ctx, tokens, mask)
+        out = routed_loss(self.router, student_logits, tokens, mask, **logits)
+        gap = Gap(sampled_logprob(logits["teacher_priv"], tokens), sampled_logprob(logits["student_priv"], tokens))
+        regime = out.regime if self.router.routes else assign_regimes(gap, mask, self.router.gap)[0]
+        texts = self.view.tok.batch_decode(tokens, skip_special_tokens=True)
+        correct = [self.task.is_correct(t, ex) for t, ex in zip(texts, rows)]
+        table = rows_from_batch([ex.question for ex in rows], token_strings(self.view.tok, tokens), regime,
+                                gap.advantage, gap.log_q_student.exp(), gap.log_q_teacher.exp(), out.token_loss,
+                                mask, correct)
+        folder = Path(self.trainer.default_root_dir) / "routing"
+        folder.mkdir(parents=True, exist_ok=True)
+        title = f"{self.router.name} step {self.global_step}: token regimes (LH yellow, LL grey, HT green, HS blue)"
+        page = folder / f"routing_step{self.global_step:05d}.html"
+        page.write_text(regime_html(table, title))
+        regime_png(table, str(page.with_suffix(".png")), title)
+        for logger in self.loggers:
+            if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
+                logger.experiment.log_artifact(logger.run_id, str(page), "routing")
+                logger.experiment.log_artifact(logger.run_id, str(page.with_suffix(".png")), "routing")
+        return page
 
     # -- checkpoints: the frozen teacher is reloaded from its source, not saved, unless asked ---------------------
     def on_save_checkpoint(self, checkpoint):

@@ -52,6 +52,8 @@ class Rule:
                 raise ValueError(f"router rule {name}={value!r} is not one of {valid}")
         if self.top_k <= 0:
             raise ValueError(f"router rule top_k must be positive, got {self.top_k}")
+        if self.weight < 0:
+            raise ValueError(f"router rule weight must be >= 0 (0 drops the tokens), got {self.weight}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"router rule beta must lie in [0, 1], got {self.beta}")
 
@@ -105,6 +107,8 @@ class RouterSpec:
             raise ValueError(f"router.student_context={self.student_context!r} is not one of ('plain', 'privileged')")
         if self.temperature <= 0:
             raise ValueError(f"router.temperature must be > 0, got {self.temperature}")
+        if self.chunk_size <= 0:
+            raise ValueError(f"router.chunk_size must be > 0, got {self.chunk_size}")
 
     @property
     def routes(self) -> bool:
@@ -289,7 +293,7 @@ def dopd_spec(top_k: int = 128, beta_light: float = 0.6, beta_weak: float = 0.3,
         rules={
             "LH": light_t,
             "LL": replace(light_t, target="student_priv", weight=beta_weak),
-            "HT": Rule("teacher_priv", "js", "topk", 1.0, beta=0.5, top_k=top_k),
+            "HT": Rule("teacher_priv", "js", "full", 1.0, beta=0.5),
             "HS": replace(light_t, target="student_priv"),
         },
         gap=GapSpec(trim_top=trim_top),

@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine with Python >= 3.10 and pip:
+#   make train   # set up .venv and run the default job (vanilla OPD on the CPU testbed, logged to MLflow)
+#   make test    # set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build by default (small and fast). For a GPU: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: install train test test-fast sweep zoo ui clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install  ## the default job; extra Hydra overrides: make train ARGS="router=dopd seed=2"
+	$(BIN)/python train.py $(ARGS)
+
+test: install  ## the whole suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: install  ## skip the slow end-to-end sweeps
+	$(BIN)/python -m pytest -q -m "not slow"
+
+sweep: install  ## the canonical comparison: vanilla vs DOPD over three seeds, one MLflow parent run
+	$(BIN)/python train.py -m router=vanilla,dopd seed=1,2,3 $(ARGS)
+
+zoo: install  ## rebuild the shipped teacher/student pair under zoo/arith (SFT by the harness)
+	$(BIN)/python scripts/build_zoo.py $(ARGS)
+
+ui: install  ## the MLflow UI on the default store: http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --default-artifact-root outputs/mlartifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache
