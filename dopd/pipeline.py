@@ -28,22 +28,23 @@ _RULE_KEYS = set(Rule.__dataclass_fields__)
 
 
 def build_router(cfg: DictConfig) -> RouterSpec:
-    """A router config -> RouterSpec. Rules are {all: rule} or one per regime; `null` drops a regime."""
+    """A router config -> RouterSpec. Each rule is a mapping, a list of mappings (losses add up) or null (dropped)."""
     rules = {}
     for name, rule in cfg.rules.items():
-        if rule is None:
-            rules[str(name)] = None
-            continue
-        rule = OmegaConf.to_container(rule, resolve=True)
-        unknown = set(rule) - _RULE_KEYS
-        if unknown:
-            raise ValueError(f"router.rules.{name} has unknown keys {sorted(unknown)}; valid: {sorted(_RULE_KEYS)}")
-        rules[str(name)] = Rule(**rule)
+        rule = OmegaConf.to_container(rule, resolve=True) if rule is not None else None
+        items = rule if isinstance(rule, list) else [] if rule is None else [rule]
+        for item in items:
+            unknown = set(item) - _RULE_KEYS
+            if unknown:
+                raise ValueError(f"router.rules.{name} has unknown keys {sorted(unknown)}; valid: {sorted(_RULE_KEYS)}")
+        built = tuple(Rule(**item) for item in items)
+        rules[str(name)] = None if rule is None else built if isinstance(rule, list) else built[0]
     return RouterSpec(
         name=str(cfg.name), rules=rules, student_context=str(cfg.get("student_context", "plain")),
         gap=GapSpec(**OmegaConf.to_container(cfg.get("gap", {}), resolve=True)),
         prune=PruneSpec(**OmegaConf.to_container(cfg.get("prune", {}), resolve=True)),
         temperature=float(cfg.get("temperature", 1.0)), chunk_size=int(cfg.get("chunk_size", 1024)),
+        trim_top=float(cfg.get("trim_top", 0.05)),
     )
 
 

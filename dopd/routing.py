@@ -28,6 +28,13 @@ import torch
 from dopd.divergences import DIVERGENCES, SCOPES, divergence
 
 REGIMES = ("LH", "LL", "HT", "HS")
+# How tokens are split into groups, each with its own rule(s); the grouping is named by the rule keys.
+GROUPINGS = {
+    "all": ("all",),  # one rule for every token (vanilla OPD and the privileged variants)
+    "gap": REGIMES,  # DOPD's four regimes from the privilege advantage gap
+    "entropy": ("low_entropy", "high_entropy"),  # EOPD-style: the teacher's entropy at the token
+    "tip": ("selected", "rest"),  # TIP-style: student uncertainty or teacher-student disagreement
+}
 TARGETS = ("teacher", "teacher_priv", "student_priv")
 PRUNE_BY = ("random", "low_gap", "high_gap")
 
@@ -65,6 +72,7 @@ class GapSpec:
     trim_top: float = 0.05  # fraction of the largest values dropped before averaging
     trim: str = "all"  # all: trim A, q_S and q_T | gap: trim A only, plain means for q_S and q_T
     normalize: str = "none"  # none: raw values | zscore: per-statistic z-scores (changes only the LH/LL split)
+    assign: str = "gap"  # gap: the rule above | random: shuffle the regime labels (same mix, no advantage-awareness)
 
     def __post_init__(self):
         if not 0.0 <= self.trim_top < 1.0:
@@ -73,6 +81,8 @@ class GapSpec:
             raise ValueError(f"router.gap.trim={self.trim!r} is not one of ('all', 'gap')")
         if self.normalize not in ("none", "zscore"):
             raise ValueError(f"router.gap.normalize={self.normalize!r} is not one of ('none', 'zscore')")
+        if self.assign not in ("gap", "random"):
+            raise ValueError(f"router.gap.assign={self.assign!r} is not one of ('gap', 'random')")
 
 
 @dataclass(frozen=True)
@@ -92,17 +102,21 @@ class PruneSpec:
 @dataclass(frozen=True)
 class RouterSpec:
     name: str
-    rules: dict[str, Rule | None]  # {"all": rule} or one entry per regime in REGIMES (None drops the regime)
+    # One entry per group of the grouping named by the keys (see GROUPINGS): a Rule, a tuple of Rules whose losses
+    # add up (e.g. EOPD's reverse + forward KL), or None to drop the group's tokens from the loss.
+    rules: dict[str, Rule | tuple[Rule, ...] | None]
     student_context: str = "plain"  # plain: train Pi_S(.|x) | privileged: train Pi_S(.|x,p) (Fig. 3 both-privileged)
     gap: GapSpec = field(default_factory=GapSpec)
     prune: PruneSpec = field(default_factory=PruneSpec)
     temperature: float = 1.0  # loss temperature (sampling temperature is the rollout's own)
     chunk_size: int = 1024  # rows per fp32 chunk of full-vocabulary divergences
+    trim_top: float = 0.05  # trimmed-mean thresholds of the entropy and tip groupings
 
     def __post_init__(self):
         keys = set(self.rules)
-        if keys != {"all"} and keys != set(REGIMES):
-            raise ValueError(f"router {self.name!r}: rules must be either {{all}} or exactly {set(REGIMES)}, got {sorted(keys)}")
+        if not any(keys == set(g) for g in GROUPINGS.values()):
+            valid = " or ".join("{" + ", ".join(g) + "}" for g in GROUPINGS.values())
+            raise ValueError(f"router {self.name!r}: the keys of rules must be exactly one of {valid}; got {sorted(keys)}")
         if self.student_context not in ("plain", "privileged"):
             raise ValueError(f"router.student_context={self.student_context!r} is not one of ('plain', 'privileged')")
         if self.temperature <= 0:
@@ -111,21 +125,37 @@ class RouterSpec:
             raise ValueError(f"router.chunk_size must be > 0, got {self.chunk_size}")
 
     @property
+    def grouping(self) -> str:
+        return next(name for name, g in GROUPINGS.items() if set(self.rules) == set(g))
+
+    @property
     def routes(self) -> bool:
-        """True when supervision depends on the regime, so the gap must be computed."""
-        return set(self.rules) == set(REGIMES)
+        """True when supervision depends on the gap regime, so the gap must be computed."""
+        return self.grouping == "gap"
 
     @property
     def needs_gap(self) -> bool:
         return self.routes or (self.prune.fraction > 0 and self.prune.by != "random")
 
+    def rule_list(self, group: str) -> tuple[Rule, ...]:
+        rule = self.rules[group]
+        return () if rule is None else (rule,) if isinstance(rule, Rule) else tuple(rule)
+
     @property
     def passes(self) -> set[str]:
         """The no-grad forward passes this router needs: a subset of TARGETS."""
-        need = {r.target for r in self.rules.values() if r is not None}
+        need = {r.target for g in self.rules for r in self.rule_list(g)}
         if self.needs_gap:
             need |= {"teacher_priv", "student_priv"}
+        if self.grouping in ("entropy", "tip"):
+            need.add(self.reference_target)
         return need
+
+    @property
+    def reference_target(self) -> str:
+        """The teacher pass the entropy/tip groupings read: the first rule's target, or the teacher."""
+        targets = [r.target for g in self.rules for r in self.rule_list(g)]
+        return targets[0] if targets else "teacher"
 
 
 @dataclass
@@ -163,7 +193,8 @@ class Gap:
         return (self.log_q_teacher - self.log_q_student).abs()
 
 
-def assign_regimes(gap: Gap, mask: torch.Tensor, spec: GapSpec = GapSpec()) -> tuple[torch.Tensor, dict[str, float]]:
+def assign_regimes(gap: Gap, mask: torch.Tensor, spec: GapSpec = GapSpec(),
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Regime id per token (-1 outside the mask) and the thresholds used."""
     a, q_s, q_t = gap.advantage, gap.log_q_student.exp(), gap.log_q_teacher.exp()
     va, vs, vt = a[mask], q_s[mask], q_t[mask]
@@ -179,6 +210,10 @@ def assign_regimes(gap: Gap, mask: torch.Tensor, spec: GapSpec = GapSpec()) -> t
         high_conf = (q_s + q_t) >= (qs_bar + qt_bar)
     low = a < a_bar
     regime = torch.where(low, torch.where(high_conf, 0, 1), torch.where(q_t >= q_s, 2, 3))
+    if spec.assign == "random":  # same regime mix, labels shuffled across the batch's tokens
+        labels = regime[mask]
+        perm = torch.randperm(labels.numel(), generator=generator, device="cpu").to(labels.device)
+        regime = regime.masked_scatter(mask, labels[perm])
     regime = regime.masked_fill(~mask, -1)
     return regime, {"a_bar": float(a_bar), "qs_bar": float(qs_bar), "qt_bar": float(qt_bar)}
 
@@ -232,24 +267,26 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
                   sampled_logprob(student_priv, tokens, spec.temperature))
     stats: dict[str, float] = {}
     if gap is not None and mask.any():
-        regime, thresholds = assign_regimes(gap, mask, spec.gap)
+        regime, thresholds = assign_regimes(gap, mask, spec.gap, generator)
         stats.update({f"gap/{k}": v for k, v in thresholds.items()})
     else:
         regime = torch.full_like(tokens, -1, dtype=torch.long)
     keep = prune_mask(mask, spec.prune, gap, generator)
 
-    groups = {"all": keep} if not spec.routes else {r: keep & (regime == i) for i, r in enumerate(REGIMES)}
+    groups = _groups(spec, keep, regime, student_logits, targets, tokens, stats)
     token_loss = torch.zeros(mask.shape, dtype=torch.float32, device=student_logits.device)
     for name, sel in groups.items():
-        rule = spec.rules[name]
-        if rule is None or rule.weight == 0 or not sel.any():
+        if not sel.any():
             continue
-        values = divergence(
-            student_logits[sel], targets[rule.target][sel], tokens[sel], divergence=rule.divergence,
-            scope=rule.scope, beta=rule.beta, top_k=rule.top_k, support=rule.support, tail=rule.tail,
-            temperature=spec.temperature, chunk_size=spec.chunk_size,
-        )
-        token_loss = token_loss.index_put((sel,), (rule.weight * values).float())
+        for rule in spec.rule_list(name):
+            if rule.weight == 0:
+                continue
+            values = divergence(
+                student_logits[sel], targets[rule.target][sel], tokens[sel], divergence=rule.divergence,
+                scope=rule.scope, beta=rule.beta, top_k=rule.top_k, support=rule.support, tail=rule.tail,
+                temperature=spec.temperature, chunk_size=spec.chunk_size,
+            )
+            token_loss = token_loss.index_put((sel,), (rule.weight * values).float(), accumulate=True)
 
     # Eq. 11: each sequence's mean over its response tokens (1/|y|), then the mean over sequences that have any.
     lengths = mask.sum(-1)
@@ -262,6 +299,42 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
         loss = student_logits[..., :0].float().sum()
     stats.update(_regime_stats(regime, token_loss, mask, gap))
     return RoutedLoss(loss=loss, token_loss=token_loss, regime=regime, stats=stats)
+
+
+def _groups(spec: RouterSpec, keep, regime, student_logits, targets, tokens, stats) -> dict[str, torch.Tensor]:
+    """Which kept tokens each group's rules supervise."""
+    grouping = spec.grouping
+    if grouping == "all":
+        return {"all": keep}
+    if grouping == "gap":
+        return {r: keep & (regime == i) for i, r in enumerate(REGIMES)}
+    ref = targets[spec.reference_target]
+    if grouping == "entropy":
+        # EOPD reading: tokens where the teacher is uncertain (entropy >= its trimmed batch mean) get extra rules.
+        h_t = token_entropy(ref)
+        bar = trimmed_mean(h_t[keep], spec.trim_top)
+        stats["select/teacher_entropy_bar"] = float(bar)
+        high = keep & (h_t >= bar)
+        return {"low_entropy": keep & ~high, "high_entropy": high}
+    # TIP reading: a token matters when the student is uncertain or disagrees with the teacher at the sampled token.
+    h_s = token_entropy(student_logits)
+    disagree = (sampled_logprob(ref, tokens, spec.temperature) - sampled_logprob(student_logits, tokens, spec.temperature)).abs()
+    selected = keep & ((h_s >= trimmed_mean(h_s[keep], spec.trim_top)) | (disagree >= trimmed_mean(disagree[keep], spec.trim_top)))
+    stats["select/frac"] = float(selected.sum() / keep.sum().clamp_min(1))
+    return {"selected": selected, "rest": keep & ~selected}
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) per position, [B, T], in fp32 row chunks."""
+    flat = logits.detach().flatten(0, -2)
+    out = torch.cat([_entropy_rows(part) for part in flat.split(chunk_size)]) if flat.shape[0] else flat.new_zeros(0)
+    return out.view(logits.shape[:-1])
+
+
+def _entropy_rows(rows: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(rows.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def _regime_stats(regime, token_loss, mask, gap) -> dict[str, float]:
