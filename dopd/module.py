@@ -14,10 +14,11 @@ from pathlib import Path
 from dataclasses import asdict
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torchmetrics import MeanMetric
 
-from dopd.metrics import masked_entropy
+from dopd.metrics import distillation_diagnostics, masked_entropy
 from dopd.rollout import Rollout, sample
 from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss, sampled_logprob
 from dopd.view import PrivilegedView, response_logits
@@ -85,15 +86,30 @@ class DistillModule(L.LightningModule):
             return self._skip_nonfinite(out.loss)
         with torch.no_grad():
             entropy = masked_entropy(student_logits.detach(), roll.mask)
+            diag = distillation_diagnostics(student_logits.detach(), targets, roll.mask, self.diag_top_k)
+        self._warn_if_uniform(diag)
         n = len(roll.examples)
         metrics = {"train/loss": out.loss.detach(), "train/entropy": entropy,
                    "train/response_len": roll.lengths.float().mean(),
                    "train/eos_rate": (roll.tokens == self.view.tok.eos_token_id).any(-1).float().mean(),
                    "train/reward": self._accuracy(roll)}
         metrics.update({f"train/{k}": v for k, v in out.stats.items()})
+        metrics.update({f"train/{k}": v for k, v in diag.items()})
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n, prog_bar=False)
         self.log("loss", out.loss.detach(), prog_bar=True, on_step=True, batch_size=n, logger=False)
         return out.loss
+
+    @property
+    def diag_top_k(self) -> int:
+        ks = [r.top_k for g in self.router.rules for r in self.router.rule_list(g) if r.scope == "topk"]
+        return ks[0] if ks else 128
+
+    def _warn_if_uniform(self, diag: dict[str, float]) -> None:
+        flagged = [k.split("/")[1] for k, v in diag.items() if k.endswith("near_uniform") and v > 0]
+        if flagged and not getattr(self, "_warned_uniform", False):
+            self._warned_uniform = True
+            rank_zero_warn(f"the {', '.join(flagged)} distribution is near-uniform (entropy > 95% of log V): check that "
+                           "the teacher's weights loaded (model.teacher.path) and that its vocabulary matches")
 
     def _accuracy(self, roll: Rollout) -> torch.Tensor:
         """Fraction of sampled responses that are correct: the on-policy 'reward' (logged, never optimised)."""
