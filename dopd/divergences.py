@@ -59,20 +59,31 @@ def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, divergenc
     return beta * kl_tm + (1.0 - beta) * kl_sm
 
 
+def _chunked(fn, student: torch.Tensor, target: torch.Tensor, *extra, chunk_size: int = 1024) -> torch.Tensor:
+    """Apply a row-wise fn(student_rows, target_rows, *extra_rows) chunk by chunk.
+
+    With gradient, each chunk is checkpointed: its fp32 softmaxes are recomputed in backward instead of kept, so
+    memory stays O(chunk x V) in fp32 whatever the number of rows. `extra` tensors are split alongside the rows.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    out = []
+    pieces = zip(student.split(chunk_size), target.split(chunk_size), *(e.split(chunk_size) for e in extra))
+    for s, t, *e in pieces:
+        if s.requires_grad and s.shape[0] > 0:
+            out.append(torch.utils.checkpoint.checkpoint(fn, s, t, *e, use_reentrant=False))
+        else:
+            out.append(fn(s, t, *e))
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return torch.cat(out) if out else student.new_zeros(0, dtype=dtype)
+
+
 def full_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str, beta: float = 0.5,
                     temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
     """Whole-vocabulary divergence per row, chunked over rows (fp32 only inside a chunk)."""
     _check(divergence, beta)
-    target = target.detach()
-    out = []
-    for s, t in zip(student.split(chunk_size), target.split(chunk_size)):
-        if s.requires_grad and s.shape[0] > 0:
-            # Recompute the chunk's fp32 softmaxes in backward instead of keeping them: memory stays O(chunk x V).
-            out.append(torch.utils.checkpoint.checkpoint(_full_chunk, s, t, divergence, beta, temperature,
-                                                         use_reentrant=False))
-        else:
-            out.append(_full_chunk(s, t, divergence, beta, temperature))
-    return torch.cat(out) if out else student.new_zeros(0, dtype=torch.float32)
+    return _chunked(lambda s, t: _full_chunk(s, t, divergence, beta, temperature), student, target.detach(),
+                    chunk_size=chunk_size)
 
 
 def _full_chunk(s, t, divergence, beta, temperature):
@@ -82,7 +93,8 @@ def _full_chunk(s, t, divergence, beta, temperature):
 
 
 def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str, k: int, beta: float = 0.5,
-                    support: str = "student", tail: bool = False, temperature: float = 1.0) -> torch.Tensor:
+                    support: str = "student", tail: bool = False, temperature: float = 1.0,
+                    chunk_size: int = 1024) -> torch.Tensor:
     """Divergence restricted to K vocabulary entries per row.
 
     `support` picks whose top-K (no gradient through the choice). Without `tail`, both sides are renormalised on
@@ -91,13 +103,16 @@ def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
     _check(divergence, beta)
     if support not in ("student", "target"):
         raise ValueError(f"top-K support {support!r} unknown; choose 'student' or 'target'")
-    target = target.detach()
-    vocab = student.shape[-1]
     if k <= 0:
         raise ValueError(f"top_k must be positive, got {k}")
-    k = min(k, vocab)
-    log_s = torch.log_softmax(_up(student) / temperature, dim=-1)
-    log_t = torch.log_softmax(_up(target) / temperature, dim=-1)
+    k = min(k, student.shape[-1])
+    return _chunked(lambda s, t: _topk_chunk(s, t, divergence, k, beta, support, tail, temperature), student,
+                    target.detach(), chunk_size=chunk_size)
+
+
+def _topk_chunk(s, t, divergence, k, beta, support, tail, temperature):
+    log_s = torch.log_softmax(_up(s) / temperature, dim=-1)
+    log_t = torch.log_softmax(_up(t) / temperature, dim=-1)
     idx = (log_s if support == "student" else log_t).detach().topk(k, dim=-1).indices
     ks, kt = log_s.gather(-1, idx), log_t.gather(-1, idx)
     if tail:
@@ -115,7 +130,7 @@ def _with_tail(log_k: torch.Tensor) -> torch.Tensor:
 
 
 def sampled_divergence(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, divergence: str,
-                       beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+                       beta: float = 0.5, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
     """One-sample estimate at the sampled token y ~ student.
 
     Value: an unbiased estimate of the divergence (rkl: log S/T; fkl: (T/S) log T/S; js: the mixture terms,
@@ -124,7 +139,11 @@ def sampled_divergence(student: torch.Tensor, target: torch.Tensor, tokens: torc
     on-policy distillation: for rkl, g = log S(y)/T(y), Thinking Machines' per-token reverse KL).
     """
     _check(divergence, beta)
-    target = target.detach()
+    return _chunked(lambda s, t, y: _sampled_chunk(s, t, y, divergence, beta, temperature), student,
+                    target.detach(), tokens, chunk_size=chunk_size)
+
+
+def _sampled_chunk(student, target, tokens, divergence, beta, temperature):
     log_s = torch.log_softmax(_up(student) / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     log_t = torch.log_softmax(_up(target) / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     ls, lt = log_s.detach(), log_t
@@ -149,7 +168,7 @@ def divergence(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor
     if scope == "full":
         return full_divergence(student, target, divergence, beta, temperature, chunk_size)
     if scope == "topk":
-        return topk_divergence(student, target, divergence, top_k, beta, support, tail, temperature)
+        return topk_divergence(student, target, divergence, top_k, beta, support, tail, temperature, chunk_size)
     if scope == "sampled":
-        return sampled_divergence(student, target, tokens, divergence, beta, temperature)
+        return sampled_divergence(student, target, tokens, divergence, beta, temperature, chunk_size)
     raise ValueError(f"scope {scope!r} unknown; choose one of {SCOPES}")

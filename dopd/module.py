@@ -109,7 +109,7 @@ class DistillModule(L.LightningModule):
         if flagged and not getattr(self, "_warned_uniform", False):
             self._warned_uniform = True
             rank_zero_warn(f"the {', '.join(flagged)} distribution is near-uniform (entropy > 95% of log V): check that "
-                           "the teacher's weights loaded (model.teacher.path) and that its vocabulary matches")
+                           "the weights loaded (model.teacher.path, model.student.path) and the vocabularies match")
 
     def _accuracy(self, roll: Rollout) -> torch.Tensor:
         """Fraction of sampled responses that are correct: the on-policy 'reward' (logged, never optimised)."""

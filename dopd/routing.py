@@ -167,11 +167,14 @@ class RoutedLoss:
 
 
 # -- gap statistics ---------------------------------------------------------------------------------------------
-def sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits)[tokens] in fp32 without keeping a [B, T, V] fp32 copy."""
-    logits = logits.detach()
-    picked = logits.gather(-1, tokens[..., None]).squeeze(-1).float() / temperature
-    return picked - torch.logsumexp(logits.float() / temperature, dim=-1)
+@torch.no_grad()
+def sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                    chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(logits / temperature)[tokens], fp32, in row chunks (never a [B, T, V] fp32 copy)."""
+    flat, ids = logits.detach().flatten(0, -2), tokens.flatten()
+    out = [torch.log_softmax(part.float() / temperature, -1).gather(-1, y[:, None]).squeeze(-1)
+           for part, y in zip(flat.split(chunk_size), ids.split(chunk_size))]
+    return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)).view(tokens.shape)
 
 
 def trimmed_mean(values: torch.Tensor, trim_top: float) -> torch.Tensor:

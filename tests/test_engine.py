@@ -128,3 +128,26 @@ def test_rule_lists_add_up():
 
 def test_every_regime_name_is_a_rule_of_dopd():
     assert set(_router("dopd").rules) == set(REGIMES)
+
+
+@pytest.mark.parametrize("scope", ["full", "topk", "sampled"])
+def test_divergences_keep_no_fp32_vocabulary_copies_for_backward(scope):
+    """Chunks are checkpointed: autograd keeps only the input rows (student and target), never fp32 softmaxes."""
+    from dopd.divergences import _full_chunk, divergence
+
+    n, v = 256, 1024
+    s, t, y = torch.randn(n, v, requires_grad=True), torch.randn(n, v), torch.randint(0, v, (n,))
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = divergence(s, t, y, divergence="js", scope=scope, top_k=64, chunk_size=32)
+    out.sum().backward()
+    assert sum(saved) <= 2.01 * n * v * 4
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        _full_chunk(s, t, "js", 0.5, 1.0)  # negative control: the unchunked math keeps several copies
+    assert sum(saved) > 4 * n * v * 4
