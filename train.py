@@ -8,13 +8,21 @@ import hydra
 from omegaconf import DictConfig
 
 import dopd  # noqa: F401  (registers the ${dopd_root:} resolver)
+from dopd.tracking import record_failure
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from dopd.pipeline import run  # imported here so `--help` and config errors answer at once
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except Exception as err:
+        # In a sweep, one failing job must not cost the others: record it (its MLflow run is already FAILED) and go
+        # on; the sweep exits non-zero at the end. A single run fails at once.
+        if not record_failure(cfg, err):
+            raise
+        return float("nan")
 
 
 if __name__ == "__main__":

@@ -71,10 +71,25 @@ def run_dir() -> Path:
 
 
 def run(cfg: DictConfig) -> float:
-    """Train one job; returns the final held-out accuracy averaged over evaluation splits (for sweepers)."""
+    """Train one job; returns the final held-out accuracy averaged over evaluation splits (for sweepers).
+
+    The MLflow run is opened first (an unreachable tracking server fails here, before any model is loaded); any
+    later error marks it FAILED with the error as the tag `error`, then propagates.
+    """
     root = Path(cfg.paths.root)
     router = build_router(cfg.router)  # validate cheap things before loading models or touching MLflow
     logger = make_logger(cfg, root)
+    run_id = logger.run_id  # creates the run now
+    try:
+        return _train(cfg, root, router, logger)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        logger.experiment.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        logger.finalize(status)
+        raise
+
+
+def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger) -> float:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     task = build_task(cfg.task)
@@ -94,11 +109,7 @@ def run(cfg: DictConfig) -> float:
         callbacks.append(RichProgressBar() if cfg.get("rich_progress", True) else TQDMProgressBar())
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out))
     log.info("router=%s passes=%s pair=%s task=%s -> %s", router.name, sorted(router.passes), pair.name, task.name, out)
-    try:
-        trainer.fit(module, datamodule=data)
-    except BaseException:
-        logger.finalize("FAILED")
-        raise
+    trainer.fit(module, datamodule=data)
     final = getattr(module, "last_eval", {})
     log.info("final evaluation: %s", {k: round(v, 4) for k, v in final.items()})
     return float(final.get("eval/acc/avg", float("nan")))

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 PARENT_ENV = "DOPD_MLFLOW_PARENT_RUN_ID"
 PARENT_FILE = "mlflow_parent_run_id"
+FAILURES_FILE = "failed_jobs.txt"
 SWEEP_KEYS_ENV = "DOPD_SWEEP_KEYS"
 
 
@@ -134,10 +135,32 @@ class MLflowSweepCallback(Callback):
         log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        failures_file = Path(config.hydra.sweep.dir) / FAILURES_FILE
+        failures = failures_file.read_text().strip().splitlines() if failures_file.exists() else []
         if getattr(self, "run_id", None):
-            self.client.set_terminated(self.run_id, "FINISHED")
+            if failures:
+                self.client.set_tag(self.run_id, "failed_jobs", str(len(failures)))
+            self.client.set_terminated(self.run_id, "FAILED" if failures else "FINISHED")
             os.environ.pop(PARENT_ENV, None)
             os.environ.pop(SWEEP_KEYS_ENV, None)
+        if failures:
+            log.error("%d job(s) of this sweep failed (their MLflow runs are marked FAILED):\n  %s",
+                      len(failures), "\n  ".join(failures))
+            raise SystemExit(1)
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> bool:
+    """In a multirun, note a failed job in the sweep folder and return True (the sweep goes on); else False."""
+    if not (HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"):
+        return False
+    if not cfg.get("continue_on_error", True):
+        return False
+    hc = HydraConfig.get()
+    log.exception("job %s failed; the sweep continues", hc.job.num)
+    line = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {type(err).__name__}: {err}".replace("\n", " ")
+    with open(Path(hc.sweep.dir) / FAILURES_FILE, "a") as f:  # appends are atomic for short lines
+        f.write(line[:2000] + "\n")
+    return True
 
 
 def log_config(logger: MLFlowLogger, cfg: DictConfig, out_dir: Path) -> None:

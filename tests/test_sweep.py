@@ -30,3 +30,23 @@ def test_multirun_nests_children_under_one_parent(tmp_path):
         assert c.data.params["router/name"] == c.data.tags["router"]
         assert {"train/loss", "eval/acc/avg"} <= set(c.data.metrics)
     assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    fast = [o for o in FAST if not o.startswith("rollout.max_new_tokens")]
+    cmd = [sys.executable, "train.py", "-m", "router=vanilla", "rollout.max_new_tokens=0,8", *fast,
+           f"logger.tracking_uri={uri}", f"paths.output_dir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=CONF.rsplit("/", 1)[0], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "1 job(s) of this sweep failed" in res.stdout + res.stderr
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(children) == {"vanilla-seed1-rollout.max_new_tokens=0", "vanilla-seed1-rollout.max_new_tokens=8"}
+    bad, good = children["vanilla-seed1-rollout.max_new_tokens=0"], children["vanilla-seed1-rollout.max_new_tokens=8"]
+    assert bad.info.status == "FAILED" and "max_new_tokens must be > 0" in bad.data.tags["error"]
+    assert good.info.status == "FINISHED" and "eval/acc/avg" in good.data.metrics
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
