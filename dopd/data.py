@@ -4,13 +4,41 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from dopd.tasks.base import Example
 
 
-def _as_list(batch: list[Example]) -> list[Example]:
-    return list(batch)
+class StepBatches:
+    """Shuffled batches of prompts where the batch of global step s is a function of (seed, s) alone.
+
+    After a resume, iteration starts at the restored `trainer.global_step`, so the resumed run sees exactly the
+    batches the uninterrupted run would have. (`state_dict`/`load_state_dict` tell Lightning the position is
+    handled: it is derived from the step, so there is nothing to store.)
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, start_step=lambda: 0):
+        self.dataset, self.batch_size, self.seed, self.start_step = examples, batch_size, seed, start_step
+
+    def __len__(self) -> int:
+        return max(1, len(self.dataset) // self.batch_size)
+
+    def batch(self, step: int) -> list[Example]:
+        epoch, index = divmod(step, len(self))
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        rows = perm[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+        return [self.dataset[i % len(self.dataset)] for i in rows] if rows else [self.dataset[0]]
+
+    def __iter__(self):
+        start = self.start_step()
+        first = start - start % len(self)  # the epoch's first step
+        for step in range(start, first + len(self)):
+            yield self.batch(step)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -34,7 +62,6 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"task {self.task.name!r} produced no training examples; check its data source")
         self.eval_examples = {s: self.task.examples(s, self.n_eval, self.data_seed) for s in self.task.splits[1:]}
 
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_examples, batch_size=self.batch_size, shuffle=True, generator=gen,
-                          collate_fn=_as_list, drop_last=len(self.train_examples) >= self.batch_size)
+    def train_dataloader(self) -> StepBatches:
+        return StepBatches(self.train_examples, self.batch_size, self.seed,
+                           start_step=lambda: self.trainer.global_step if self.trainer is not None else 0)

@@ -10,10 +10,12 @@ One training step, top to bottom (`training_step`):
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from dataclasses import asdict
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torchmetrics import MeanMetric
@@ -189,6 +191,7 @@ class DistillModule(L.LightningModule):
         return results
 
     @torch.no_grad()
+    @torch.random.fork_rng()  # its sampling must not shift the training RNG stream (resume reproduces runs)
     def log_routing(self, examples) -> Path:
         """Fig. 9: sampled responses coloured by regime (HTML with hover details, and a PNG), as MLflow artifacts.
 
@@ -228,14 +231,31 @@ class DistillModule(L.LightningModule):
         if not self.checkpoint_teacher:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["dopd"] = {"router": asdict(self.router), "nonfinite_steps": self.nonfinite_steps,
-                              "prune_generator": self.prune_generator.get_state()}
+                              "prune_generator": self.prune_generator.get_state(),
+                              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                      "numpy": _numpy_state_to_tensor(np.random.get_state())}}
 
     def on_load_checkpoint(self, checkpoint):
         extra = checkpoint.get("dopd", {})
         self.nonfinite_steps = extra.get("nonfinite_steps", 0)
         if "prune_generator" in extra:
             self.prune_generator.set_state(extra["prune_generator"])
+        if "rng" in extra:  # sampling continues exactly where the interrupted run was
+            torch.set_rng_state(extra["rng"]["torch"])
+            random.setstate(extra["rng"]["python"])
+            np.random.set_state(_numpy_state_from_tensor(extra["rng"]["numpy"]))
         missing = [k for k in self.state_dict() if k.startswith("student.") and k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} student weights (e.g. {missing[0]}); it was not written "
                            "by this model configuration")
+
+
+def _numpy_state_to_tensor(state) -> dict:
+    """numpy's RNG state as tensors and numbers, so checkpoints load with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _numpy_state_from_tensor(state: dict):
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])

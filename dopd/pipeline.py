@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 _RULE_KEYS = set(Rule.__dataclass_fields__)
+JOB_FILE = "job.json"
 
 
 def build_router(cfg: DictConfig) -> RouterSpec:
@@ -70,6 +73,39 @@ def run_dir() -> Path:
     return Path(hc.run.dir)
 
 
+def job_key(cfg: DictConfig) -> str:
+    """Identifies 'the same job' across launches: the hash of its resolved config without resume/logger/hydra."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "resume", "logger")])
+    return hashlib.sha1(OmegaConf.to_yaml(job, resolve=True).encode()).hexdigest()[:16]
+
+
+def write_job_file(cfg: DictConfig, out: Path, mlflow_run_id: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / JOB_FILE).write_text(json.dumps({"key": job_key(cfg), "mlflow_run_id": mlflow_run_id,
+                                            "tracking_uri": str(cfg.logger.tracking_uri)}))
+
+
+def find_resumable(cfg: DictConfig) -> dict | None:
+    """`resume=true`: the newest earlier run of this exact job with a last.ckpt; `resume=<run dir>`: that one."""
+    out = Path(cfg.paths.output_dir)
+    if cfg.resume is True:
+        key = job_key(cfg)
+        candidates = sorted((*out.glob(f"runs/*/{JOB_FILE}"), *out.glob(f"multiruns/*/*/{JOB_FILE}")),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+        for job_file in candidates:
+            info = json.loads(job_file.read_text())
+            if info["key"] == key and (job_file.parent / "checkpoints" / "last.ckpt").exists():
+                return {**info, "dir": str(job_file.parent), "ckpt": str(job_file.parent / "checkpoints" / "last.ckpt")}
+        log.warning("resume=true: no earlier run of this job with a checkpoint under %s; starting fresh", out)
+        return None
+    folder = Path(str(cfg.resume))
+    job_file, ckpt = folder / JOB_FILE, folder / "checkpoints" / "last.ckpt"
+    if not (job_file.exists() and ckpt.exists()):
+        raise FileNotFoundError(f"resume={folder}: expected {JOB_FILE} and checkpoints/last.ckpt there; "
+                                "pass a run folder of an earlier job, or resume=true to find it")
+    return {**json.loads(job_file.read_text()), "dir": str(folder), "ckpt": str(ckpt)}
+
+
 def run(cfg: DictConfig) -> float:
     """Train one job; returns the final held-out accuracy averaged over evaluation splits (for sweepers).
 
@@ -78,10 +114,14 @@ def run(cfg: DictConfig) -> float:
     """
     root = Path(cfg.paths.root)
     router = build_router(cfg.router)  # validate cheap things before loading models or touching MLflow
+    previous = find_resumable(cfg) if cfg.get("resume") else None
+    if previous is not None:
+        cfg.logger.run_id = previous["mlflow_run_id"]
+        log.info("resuming %s from %s (MLflow run %s)", previous["dir"], previous["ckpt"], previous["mlflow_run_id"])
     logger = make_logger(cfg, root)
     run_id = logger.run_id  # creates the run now
     try:
-        return _train(cfg, root, router, logger)
+        return _train(cfg, root, router, logger, previous)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         logger.experiment.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
@@ -89,7 +129,7 @@ def run(cfg: DictConfig) -> float:
         raise
 
 
-def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger) -> float:
+def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: dict | None = None) -> float:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     task = build_task(cfg.task)
@@ -99,8 +139,10 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger) -> float:
                             seed=cfg.seed, data_seed=cfg.data.seed)
     module = DistillModule(pair.student, pair.teacher, view, router, task, rollout=cfg.rollout, optim=cfg.optim,
                            eval=cfg.eval, checkpoint_teacher=cfg.checkpoint_teacher)
-    out = run_dir()
-    log_config(logger, cfg, out)
+    out = Path(previous["dir"]) if previous else run_dir()
+    if previous is None:  # a resumed run already has its params; MLflow refuses to change them
+        log_config(logger, cfg, out)
+    write_job_file(cfg, out, logger.run_id)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.get("checkpoint_every", 50))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -109,7 +151,7 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger) -> float:
         callbacks.append(RichProgressBar() if cfg.get("rich_progress", True) else TQDMProgressBar())
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out))
     log.info("router=%s passes=%s pair=%s task=%s -> %s", router.name, sorted(router.passes), pair.name, task.name, out)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=previous["ckpt"] if previous else None)
     final = getattr(module, "last_eval", {})
     log.info("final evaluation: %s", {k: round(v, 4) for k, v in final.items()})
     return float(final.get("eval/acc/avg", float("nan")))

@@ -73,3 +73,15 @@ def test_file_store_is_rejected_with_a_fix(tmp_path):
     cfg = compose_cfg([*FAST, f"logger.tracking_uri=file:{tmp_path}/mlruns"], tmp_path)
     with pytest.raises(ValueError, match="sqlite"):
         run(cfg)
+
+
+def test_same_seed_and_config_give_identical_metrics(tmp_path):
+    histories = []
+    for i in range(2):
+        uri = f"sqlite:///{tmp_path}/m{i}.db"
+        run(compose_cfg([*FAST, "router=dopd", "trainer.max_steps=3", f"logger.tracking_uri={uri}"], tmp_path / str(i)))
+        client, (r,) = _runs(uri)
+        histories.append({k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)]
+                          for k in ("train/loss", "train/entropy", "eval/acc/avg", "train/regime/HT/frac")})
+    assert histories[0] == histories[1]
+    assert len(histories[0]["train/loss"]) == 3
