@@ -82,18 +82,24 @@ def load_tokenizer(spec: dict, root: str | Path | None = None) -> PreTrainedToke
     return tok
 
 
+def check_vocab(student, teacher, tokenizer, name: str) -> None:
+    """Token-level distillation compares token ids: both models and the tokenizer must share one vocabulary."""
+    vs, vt = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if vs != vt:
+        raise ValueError(
+            f"teacher and student vocabularies differ ({vt} vs {vs} rows in the output layer of model {name!r}): "
+            "token-level distillation needs one vocabulary. Pick a pair from the same family "
+            "(e.g. Qwen3-8B -> Qwen3-1.7B) or resize the embeddings of both to the same size."
+        )
+    if len(tokenizer) > vs:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {vs} output rows "
+                         f"(model {name!r}): use the tokenizer the models were trained with (model.tokenizer)")
+
+
 def load_pair(cfg: dict, root: str | Path | None = None) -> Pair:
     """Build the pair and check that both speak the tokenizer's vocabulary (distillation compares token ids)."""
     tokenizer = load_tokenizer(cfg, root)
     student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root)
     teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root)
-    vs, vt = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-    if vs != vt:
-        raise ValueError(
-            f"teacher and student vocabularies differ ({vt} vs {vs} rows in the output layer of model "
-            f"{cfg.get('name')!r}): token-level distillation needs one vocabulary. Pick a pair from the same family "
-            "(e.g. Qwen3-8B -> Qwen3-1.7B) or resize the embeddings of both to the same size."
-        )
-    if len(tokenizer) > vs:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the models only {vs} output rows ({cfg.get('name')!r})")
+    check_vocab(student, teacher, tokenizer, cfg.get("name", "pair"))
     return Pair(student, teacher, tokenizer, cfg.get("name", "pair"))

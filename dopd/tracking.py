@@ -34,6 +34,8 @@ def check_tracking_uri(uri: str) -> str:
             f"logger.tracking_uri={uri!r} is a file store, which current MLflow rejects. Use "
             "logger.tracking_uri=sqlite:///path/to/mlflow.db (the default) or http://host:port for a server."
         )
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         try:
@@ -45,6 +47,23 @@ def check_tracking_uri(uri: str) -> str:
             raise PermissionError(f"the MLflow database folder {db.parent} is not writable; "
                                   "point logger.tracking_uri at a writable location")
     return uri
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after an hour of training or minutes of client retries, when a server is unreachable."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise ConnectionError(f"HTTP {resp.status}")
+    except (OSError, urllib.error.URLError, ConnectionError) as err:
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is unreachable ({err}). Start it (`mlflow server --host 127.0.0.1 "
+            "--port 5000 --backend-store-uri sqlite:///outputs/mlflow.db`), fix logger.tracking_uri, or use the "
+            "embedded default (sqlite:///outputs/mlflow.db)."
+        ) from err
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str, artifact_location: str | None) -> str:
