@@ -16,8 +16,10 @@ class StepBatches:
     handled: it is derived from the step, so there is nothing to store.)
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, start_step=lambda: 0):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, start_step=lambda: 0,
+                 shard=lambda: (0, 1)):
         self.dataset, self.batch_size, self.seed, self.start_step = examples, batch_size, seed, start_step
+        self.shard = shard  # (rank, world size): under DDP each rank takes its slice of every global batch
 
     def __len__(self) -> int:
         return max(1, len(self.dataset) // self.batch_size)
@@ -31,8 +33,9 @@ class StepBatches:
     def __iter__(self):
         start = self.start_step()
         first = start - start % len(self)  # the epoch's first step
+        rank, world = self.shard()
         for step in range(start, first + len(self)):
-            yield self.batch(step)
+            yield self.batch(step)[rank::world]
 
     def state_dict(self) -> dict:
         return {}
@@ -63,5 +66,10 @@ class PromptDataModule(L.LightningDataModule):
         self.eval_examples = {s: self.task.examples(s, self.n_eval, self.data_seed) for s in self.task.splits[1:]}
 
     def train_dataloader(self) -> StepBatches:
+        trainer = self.trainer
+        if trainer is not None and self.batch_size % trainer.world_size:
+            raise ValueError(f"data.batch_size={self.batch_size} must be divisible by the number of processes "
+                             f"({trainer.world_size}): each rank takes an equal slice of every batch")
         return StepBatches(self.train_examples, self.batch_size, self.seed,
-                           start_step=lambda: self.trainer.global_step if self.trainer is not None else 0)
+                           start_step=lambda: trainer.global_step if trainer is not None else 0,
+                           shard=lambda: (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1))
