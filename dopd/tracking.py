@@ -130,7 +130,12 @@ def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
     if parent:
         tags["mlflow.parentRunId"] = parent
     return MLFlowLogger(experiment_name=lc.experiment, run_name=run_name(cfg), tracking_uri=uri, tags=tags,
-                        artifact_location=lc.get("artifact_location"), log_model=False, run_id=lc.get("run_id"))
+                        artifact_location=artifact_location(uri, lc), log_model=False, run_id=lc.get("run_id"))
+
+
+def artifact_location(uri: str, lc: DictConfig) -> str | None:
+    """Beside the SQLite file for the embedded store; a tracking server keeps (and proxies) its own artifacts."""
+    return lc.get("artifact_location") if uri.startswith("sqlite:") else None
 
 
 class MLflowSweepCallback(Callback):
@@ -140,7 +145,7 @@ class MLflowSweepCallback(Callback):
         lc = config.logger
         uri = check_tracking_uri(str(lc.tracking_uri))
         client = mlflow.MlflowClient(tracking_uri=uri)
-        exp = experiment_id(client, lc.experiment, lc.get("artifact_location"))
+        exp = experiment_id(client, lc.experiment, artifact_location(uri, lc))
         overrides = list(config.hydra.overrides.task)
         name = lc.get("sweep_name") or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         run = client.create_run(exp, run_name=name, tags={"sweep": "true", "overrides": " ".join(overrides)[:5000],

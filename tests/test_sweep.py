@@ -50,3 +50,22 @@ def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     assert good.info.status == "FINISHED" and "eval/acc/avg" in good.data.metrics
     (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
+
+
+@pytest.mark.slow
+def test_parallel_joblib_sweep_into_one_sqlite_store_loses_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "router=vanilla,dopd",
+           "seed=1,2", *FAST, f"logger.tracking_uri={uri}", f"paths.output_dir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=CONF.rsplit("/", 1)[0], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(c.info.run_name for c in children) == ["dopd-seed1", "dopd-seed2", "vanilla-seed1", "vanilla-seed2"]
+    assert len({c.data.tags["mlflow.parentRunId"] for c in children}) == 1
+    for c in children:
+        assert c.info.status == "FINISHED"
+        history = client.get_metric_history(c.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == [0, 1]  # every step's metric arrived
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "eval/acc/avg")] == [0, 1, 2]

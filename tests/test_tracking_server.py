@@ -1,0 +1,60 @@
+"""Logging to a real `mlflow server` started on localhost (what users do with a shared tracking server)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from dopd.pipeline import run
+from tests.conftest import FAST, compose_cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_run_logs_to_a_tracking_server(mlflow_server, tmp_path):
+    run(compose_cfg([*FAST, "router=dopd", f"logger.tracking_uri={mlflow_server}"], tmp_path))
+    client = mlflow.MlflowClient(mlflow_server)
+    (r,) = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
+    assert r.info.status == "FINISHED" and r.info.run_name == "dopd-seed1"
+    assert {"train/loss", "eval/acc/avg"} <= set(r.data.metrics)
+    paths = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert "config.yaml" in paths and "routing" in paths  # artifacts went through the server
