@@ -63,6 +63,18 @@ def build_view(cfg: DictConfig, tokenizer) -> PrivilegedView:
                           chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {})
 
 
+def build_strategy(spec):
+    """`trainer.strategy` is a Lightning name ("ddp") or a {_target_: ...} mapping; class paths in lists (wrap
+    policies) are imported."""
+    if not isinstance(spec, dict):
+        return spec
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = {hydra.utils.get_class(path) for path in kwargs[key]}
+    return hydra.utils.get_class(spec["_target_"])(**kwargs)
+
+
 def run_dir() -> Path:
     """The job's output folder (Hydra's run or sweep subdir; the run dir when composed without a launch)."""
     if not HydraConfig.initialized():
@@ -146,6 +158,7 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.get("checkpoint_every", 50))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"))
     callbacks = [ckpt]
     if trainer_kwargs.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar() if cfg.get("rich_progress", True) else TQDMProgressBar())

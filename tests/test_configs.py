@@ -75,3 +75,30 @@ def test_unknown_option_lists_valid_ones():
     res = _train_py("router=dopdd")
     assert res.returncode != 0
     assert "Could not find 'router/dopdd'" in res.stderr and "teacher_priv" in res.stderr
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local_parallel"])
+def test_launcher_configs_compose(launcher, tmp_path):
+    cfg = compose_cfg([f"hydra/launcher={launcher}", "trainer=ddp_gpu"], tmp_path)
+    launcher_cfg = cfg.hydra.launcher
+    if launcher == "slurm":
+        assert launcher_cfg.tasks_per_node == cfg.trainer.devices == launcher_cfg.gpus_per_node
+        assert "submitit" in launcher_cfg._target_
+    else:
+        assert launcher_cfg.n_jobs == 2
+
+
+def test_fsdp_strategy_builds_with_its_wrap_policy(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+    from dopd.pipeline import build_strategy
+
+    cfg = compose_cfg(["trainer=fsdp"], tmp_path)
+    from omegaconf import OmegaConf
+
+    strategy = build_strategy(OmegaConf.to_container(cfg.trainer.strategy, resolve=True))
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["use_orig_params"] is True
+    assert Qwen3DecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert Qwen3DecoderLayer in strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
