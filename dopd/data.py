@@ -60,10 +60,13 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
             return
-        self.train_examples = self.task.examples(self.task.splits[0], self.n_train, self.data_seed)
+        self.eval_examples = {s: self.task.examples(s, self.n_eval, self.data_seed) for s in self.task.splits[1:]}
+        held_out = {ex.question for exs in self.eval_examples.values() for ex in exs}
+        # Never train on an evaluation question: held-out accuracy must measure generalisation.
+        self.train_examples = [ex for ex in self.task.examples(self.task.splits[0], self.n_train, self.data_seed)
+                               if ex.question not in held_out]
         if not self.train_examples:
             raise ValueError(f"task {self.task.name!r} produced no training examples; check its data source")
-        self.eval_examples = {s: self.task.examples(s, self.n_eval, self.data_seed) for s in self.task.splits[1:]}
 
     def train_dataloader(self) -> StepBatches:
         trainer = self.trainer
