@@ -46,7 +46,21 @@ def check_tracking_uri(uri: str) -> str:
         if not os.access(db.parent, os.W_OK):
             raise PermissionError(f"the MLflow database folder {db.parent} is not writable; "
                                   "point logger.tracking_uri at a writable location")
+        _init_sqlite_store(uri, db)
     return uri
+
+
+def _init_sqlite_store(uri: str, db: Path) -> None:
+    """Create or migrate the SQLite store under a file lock: MLflow's schema migration is not safe when two
+    processes open a new database at once (parallel jobs, several users' first runs)."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient(tracking_uri=uri)._tracking_client.store  # noqa: B018 (creates the tables)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _check_server(uri: str, timeout: float = 5.0) -> None:

@@ -69,3 +69,16 @@ def test_parallel_joblib_sweep_into_one_sqlite_store_loses_nothing(tmp_path):
         history = client.get_metric_history(c.info.run_id, "train/loss")
         assert sorted(m.step for m in history) == [0, 1]  # every step's metric arrived
         assert [m.step for m in client.get_metric_history(c.info.run_id, "eval/acc/avg")] == [0, 1, 2]
+
+
+def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
+    """Several processes opening a fresh database at once must not race MLflow's schema migration."""
+    uri = f"sqlite:///{tmp_path}/new.db"
+    code = ("import sys, mlflow; from dopd.tracking import check_tracking_uri; check_tracking_uri(sys.argv[1]); "
+            "c = mlflow.MlflowClient(sys.argv[1]); c.create_experiment('e' + sys.argv[2])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(i)], stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)[-3000:]
+    names = {e.name for e in mlflow.MlflowClient(uri).search_experiments()}
+    assert {"e0", "e1", "e2"} <= names
