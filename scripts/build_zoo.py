@@ -83,7 +83,8 @@ def build(role: str, out: Path, threads: int) -> dict:
     t1 = time.time()
     acc = evaluate(model, view, task, evals, n=EVAL_N)
     eval_s = time.time() - t1
-    log.info("[%s] trained in %.0fs, evaluated in %.0fs: %s", role, train_s, eval_s, {k: round(v, 3) for k, v in acc.items()})
+    log.info("[%s] trained in %.0fs, evaluated in %.0fs: %s", role, train_s, eval_s,
+             {k: round(v, 3) for k, v in acc.items()})
 
     for cfg in (model.config, model.generation_config):
         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
@@ -92,7 +93,7 @@ def build(role: str, out: Path, threads: int) -> dict:
     model.save_pretrained(target)
     tok.save_pretrained(target)
     entry = {
-        "path": str(target),
+        "path": role,  # relative to card.json
         "arch": {"family": "Qwen3ForCausalLM", **spec["arch"], "intermediate_size": model.config.intermediate_size,
                  "vocab_size": model.config.vocab_size, "parameters": n_params},
         "sft": dataclasses.asdict(spec["sft"]),
@@ -119,7 +120,8 @@ def update_card(out: Path, role: str, entry: dict) -> None:
         card = json.loads(path.read_text()) if path.exists() else {}
         card.update({
             "task": {"class": "dopd.tasks.arith.ArithTask", **TASK, "train_n": TRAIN_N, "heldout_n": HELDOUT_N,
-                     "seed": 0, "note": "training questions equal to any of the first heldout_n test/ood questions are dropped"},
+                     "seed": 0,
+                     "note": "training questions equal to any of the first heldout_n test/ood questions are dropped"},
             "view": {"plain": "Q:{question}\\n", "privileged": "H:{hint}\\nQ:{question}\\n"},
             "tokenizer": "dopd.tokenizer.char_tokenizer()",
             "builder": "scripts/build_zoo.py",
@@ -149,8 +151,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     roles = [args.only] if args.only else ["teacher", "student"]
     if args.parallel and len(roles) > 1:
-        procs = [subprocess.Popen([sys.executable, __file__, "--out", str(out), "--only", r, "--threads", str(args.threads)])
-                 for r in roles]
+        procs = [subprocess.Popen([sys.executable, __file__, "--out", str(out), "--only", r,
+                                   "--threads", str(args.threads)]) for r in roles]
         codes = [p.wait() for p in procs]
         if any(codes):
             raise SystemExit(f"build failed: exit codes {dict(zip(roles, codes))}")
