@@ -1,0 +1,61 @@
+"""scripts/bench.py on a tiny workload: every figure is produced, finite and positive (no timing thresholds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import dopd
+from dopd.routing import RouterSpec, Rule, dopd_spec
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("dopd_bench", dopd.PROJECT_ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _routers(entries):
+    """The bench's router labels built directly (the config path is covered by tests/test_configs.py)."""
+    specs = {"vanilla": RouterSpec("vanilla", {"all": Rule("teacher", "rkl", "topk")}), "dopd": dopd_spec()}
+    return {label: specs[label] for label, _ in entries}
+
+
+def test_bench_tiny_run_produces_all_figures(tmp_path):
+    bench = _load_bench()
+    trl_available = importlib.util.find_spec("trl") is not None
+    argv = ["--tiny", "--silent", "--threads", "1"] + ([] if trl_available else ["--no-trl"])
+    result = bench.run(bench.parse_args(argv), router_loader=_routers, loss_runner=bench.loss_worker)
+    path = tmp_path / "bench.json"
+    bench.write_json(result, path)
+    data = json.loads(path.read_text())
+
+    def positive(value):
+        return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+    headline = ["dopd_over_vanilla", "chunked_over_naive_peak_mem", "chunked_over_naive_time",
+                "train_flops_over_matmul_peak"] + (["ours_over_trl_gkd"] if trl_available else [])
+    for key in headline:
+        assert positive(data[key]), (key, data[key])
+    assert set(bench.TARGETS) <= set(data["targets"]) and "ours_over_trl_gkd" in data
+
+    pair = data["pairs"]["tiny"]
+    assert pair["student_params"] > 0 and pair["teacher_params"] > 0
+    for name in ("vanilla", "dopd"):
+        r = pair["routers"][name]
+        for key in ("step_ms", "step_ms_wall", "gen_tok_s", "trained_tok_s", "peak_mib", "student_train_gflop_s"):
+            assert positive(r[key]), (name, key, r[key])
+        assert set(r["breakdown_ms"]) == set(bench.SECTIONS)
+        assert all(math.isfinite(v) and v >= 0 for v in r["breakdown_ms"].values())
+    assert pair["routers"]["dopd"]["breakdown_ms_wall"]["priv_student_fwd"] > 0  # DOPD runs the privileged student
+    assert positive(pair["lightning"]["vanilla"]["step_ms_cpu"])
+    if trl_available:
+        assert positive(pair["trl_gkd"]["step_ms_wall"]) and positive(pair["trl_gkd"]["trained_tokens"])
+    assert data["loss"]["equal_results"] is True
+    assert positive(data["matmul"]["gflop_s_wall"])
+    for ablation in pair["ablations"].values():
+        assert positive(ablation["before_ms"]) and positive(ablation["after_ms"])
