@@ -306,7 +306,8 @@ def load_routers(entries: list[tuple[str, list[str]]]):
 SECTIONS = ("rollout", "teacher_fwd", "priv_student_fwd", "student_fwd_bwd", "routing_loss", "optimizer")
 
 
-def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=None, memory: bool = False) -> dict:
+def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=None, memory: bool = False,
+               step: int = 0) -> dict:
     """One DistillModule-equivalent training step with a timer around each piece.
 
     The backward is split in two with the same result as one `loss.backward()`: the loss is differentiated into a
@@ -322,7 +323,7 @@ def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=No
     if memory:
         mem.reset()
     with clock("rollout"), autocast(device, dtype):
-        roll = sample(student, w.view, w.batch(STEP[0]), n=s.n, privileged=spec.student_context == "privileged",
+        roll = sample(student, w.view, w.batch(step), n=s.n, privileged=spec.student_context == "privileged",
                       max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0)
     tokens, mask = roll.tokens, roll.mask
     ctx = {("privileged" if spec.student_context == "privileged" else "plain"): roll.context}
@@ -367,9 +368,6 @@ def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=No
             "peak_mib": peak, "peak_delta_mib": delta, "loss": float(out.loss.detach())}
 
 
-STEP = [0]  # the batch index bench_step reads (set by the driver so every router sees the same prompts)
-
-
 def summarise(records: list[dict], clock: str) -> dict:
     """Best (min) and median over measured steps of each section and of the step; `clock` (cpu | wall) and the
     best-of statistic are what the headline figures use: on a shared machine the fastest of N repeats is the
@@ -406,11 +404,10 @@ def bench_routers(w: Workload, specs: dict, steps: int, warmup: int, device, dty
                         torch.Generator().manual_seed(0))
     records, memory = defaultdict(list), {}
     for step in range(warmup + 1 + steps):
-        STEP[0] = step
         for name, spec in specs.items():
             student, opt, gen = states[name]
             torch.manual_seed(1000 + step)  # the same prompts and sampling seed for every router
-            rec = bench_step(w, spec, student, opt, device, dtype, gen, memory=step == warmup)
+            rec = bench_step(w, spec, student, opt, device, dtype, gen, memory=step == warmup, step=step)
             if step == warmup:
                 memory[name] = rec
             elif step > warmup:
