@@ -948,7 +948,7 @@ def run(args, router_loader=None, loss_runner=None) -> dict:
         result["loss"] = bench_loss(lcfg["vocab"], lcfg["rows"], lcfg["chunk_size"], device, args.threads,
                                     lcfg.get("small_rows"), runner=loss_runner)
         if lcfg["vocab"] != 151936 or lcfg["rows"] != 2048:
-            result["loss"]["note"] = (f"reduced size V={lcfg['vocab']}, {lcfg['rows']} tokens (quick mode); the full "
+            result["loss"]["note"] = (f"reduced size V={lcfg['vocab']}, {lcfg['rows']} tokens ({result['mode']} mode); the full "
                                       "run uses V=151936, 2048 tokens")
 
     headline(result, plan)
@@ -1072,8 +1072,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (bf16-mixed) forwards")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--pairs", help="comma-separated pairs for the full run: " + ",".join(PAIRS))
-    p.add_argument("--routers", help="comma-separated router configs (default: all on small, six on larger pairs)")
-    p.add_argument("--steps", type=int, help="measured steps per router (after one warm-up step)")
+    p.add_argument("--routers", help="comma-separated router configs (default: all on small; vanilla, vanilla_full, dopd on larger pairs)")
+    p.add_argument("--steps", type=int, help="timed steps per router (after one warm-up and one memory step)")
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--no-lightning", action="store_true")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
