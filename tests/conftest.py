@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,13 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
         cfg = compose("train", overrides=[*overrides, *extra], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from dopd.rollout import sample
 from dopd.tasks.arith import ArithTask
 from dopd.tokenizer import char_tokenizer
 from dopd.view import PrivilegedView
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST, compose_cfg, free_port
 from tests.test_configs import _train_py
 
 TOK = char_tokenizer()
@@ -66,15 +65,10 @@ def test_bad_router_values(tmp_path):
             pipeline.build_router(compose_cfg([override], tmp_path).router)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_unreachable_tracking_server_fails_before_loading_models(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_pair", lambda *a, **k: pytest.fail("models loaded before the server check"))
-    cfg = compose_cfg([*FAST, f"logger.tracking_uri=http://127.0.0.1:{_free_port()}"], tmp_path)
+    cfg = compose_cfg([*FAST, f"logger.tracking_uri=http://127.0.0.1:{free_port()}"], tmp_path)
     with pytest.raises(ConnectionError, match="unreachable"):
         pipeline.run(cfg)
 
