@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torchmetrics import MeanMetric
 
+from dopd.evaluation import outcomes
 from dopd.metrics import distillation_diagnostics, masked_entropy
 from dopd.rollout import Rollout, sample
 from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss, sampled_logprob
@@ -150,6 +151,8 @@ class DistillModule(L.LightningModule):
     # -- evaluation: greedy decoding *without* p on held-out prompts ----------------------------------------------
     def on_train_start(self):
         if self.eval_cfg.get("at_start", True) and self.global_step == 0:
+            if self.eval_cfg.get("teacher_reference", True):
+                self.evaluate(self.teacher, prefix="ref/teacher", routing=False)
             self.evaluate()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -161,33 +164,40 @@ class DistillModule(L.LightningModule):
         self.evaluate()
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    @torch.random.fork_rng()  # pass@k sampling must not shift the training RNG stream
+    def evaluate(self, model=None, prefix: str = "eval", routing: bool = True) -> dict[str, float]:
+        """`<prefix>/acc/<split>[/<domain>]` (greedy pass@1), `/avg` over splits, `pass<k>` (pass@k) if eval.pass_k > 1.
+
+        The model (the student by default; the teacher once at the start, as the reference row of the tables)
+        answers without p. Each rank scores its shard; torchmetrics reduces across ranks.
+        """
+        model = self.student if model is None else model
         dm = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
+        kw = dict(max_new_tokens=self.rollout_cfg["max_new_tokens"], batch_size=self.eval_cfg.get("batch_size", 256))
+        k = int(self.eval_cfg.get("pass_k", 0) or 0)
         results: dict[str, float] = {}
-        accs = []
         for split, examples in dm.eval_examples.items():
-            acc, length = MeanMetric().to(self.device), MeanMetric().to(self.device)
             shard = examples[rank::world]
-            bs = self.eval_cfg.get("batch_size", 256)
-            for i in range(0, len(shard), bs):
-                chunk = shard[i : i + bs]
-                roll = sample(self.student, self.view, chunk, do_sample=False,
-                              max_new_tokens=self.rollout_cfg["max_new_tokens"])
-                ok = torch.tensor([float(self.task.is_correct(t, ex)) for t, ex in zip(roll.texts, chunk)])
-                acc.update(ok.to(self.device))
-                length.update(roll.lengths.float())
-            results[f"eval/acc/{split}"] = float(acc.compute())
-            results[f"eval/response_len/{split}"] = float(length.compute())
-            accs.append(results[f"eval/acc/{split}"])
-        if accs:
-            results["eval/acc/avg"] = sum(accs) / len(accs)
+            values = {"acc": outcomes(model, self.view, self.task, shard, **kw)}
+            if k > 1:
+                values[f"pass{k}"] = outcomes(model, self.view, self.task, shard, k=k,
+                                               temperature=self.rollout_cfg.get("temperature", 1.0), **kw)
+            for name, (solved, lengths) in values.items():
+                for domain, idx in _domain_rows(shard).items():
+                    results[f"{prefix}/{name}/{split}{domain}"] = _mean([solved[i] for i in idx], self.device)
+            results[f"{prefix}/response_len/{split}"] = _mean(values["acc"][1], self.device)
+        for name in ("acc", f"pass{k}") if k > 1 else ("acc",):
+            per_split = [results[f"{prefix}/{name}/{split}"] for split in dm.eval_examples]
+            if per_split:
+                results[f"{prefix}/{name}/avg"] = sum(per_split) / len(per_split)
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(results, step=self.global_step)
-            if self.eval_cfg.get("routing_samples", 0):
+            if routing and self.eval_cfg.get("routing_samples", 0):
                 self.log_routing(dm.eval_examples[next(iter(dm.eval_examples))][: self.eval_cfg["routing_samples"]])
-        self.last_eval = results
+        if model is self.student:
+            self.last_eval = results
         return results
 
     @torch.no_grad()
@@ -259,3 +269,18 @@ def _numpy_state_to_tensor(state) -> dict:
 
 def _numpy_state_from_tensor(state: dict):
     return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])
+
+
+def _domain_rows(examples) -> dict[str, list[int]]:
+    """Row indices overall (key "") and per domain (key "/<domain>") when the examples span several domains."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(f"/{ex.domain}", []).append(i)
+    return {"": list(range(len(examples))), **(groups if len(groups) > 1 else {})}
+
+
+def _mean(values, device) -> float:
+    """Mean over all ranks (torchmetrics syncs when a process group exists)."""
+    metric = MeanMetric().to(device)
+    metric.update(torch.tensor([float(v) for v in values] or [float("nan")], device=device))
+    return float(metric.compute())

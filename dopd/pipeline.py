@@ -125,6 +125,13 @@ def run(cfg: DictConfig) -> float:
     later error marks it FAILED with the error as the tag `error`, then propagates.
     """
     root = Path(cfg.paths.root)
+    if cfg.get("stage", "distill") == "sft":
+        from dopd.zoo import build
+
+        card = build(cfg, root)
+        return float(card["accuracy"].get("acc/avg", float("nan")))
+    if cfg.get("stage", "distill") != "distill":
+        raise ValueError(f"stage={cfg.stage!r} is not one of distill, sft")
     router = build_router(cfg.router)  # validate cheap things before loading models or touching MLflow
     previous = find_resumable(cfg) if cfg.get("resume") else None
     if previous is not None:
@@ -165,6 +172,10 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out))
     log.info("router=%s passes=%s pair=%s task=%s -> %s", router.name, sorted(router.passes), pair.name, task.name, out)
     trainer.fit(module, datamodule=data, ckpt_path=previous["ckpt"] if previous else None)
+    if cfg.get("export_student") and trainer.is_global_zero:  # a later stage loads it: model.student.path=<out>/student
+        pair.student.save_pretrained(out / "student")
+        pair.tokenizer.save_pretrained(out / "student")
+        log.info("student exported to %s", out / "student")
     final = getattr(module, "last_eval", {})
     log.info("final evaluation: %s", {k: round(v, 4) for k, v in final.items()})
     return float(final.get("eval/acc/avg", float("nan")))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dopd.rollout import sample
+from dopd.evaluation import accuracy_table
 from dopd.tasks.base import Example
 from dopd.view import PrivilegedView, response_logits
 
@@ -64,7 +64,7 @@ def sft(model, view: PrivilegedView, train: list[Example], cfg: SFTConfig, evals
         opt.step()
         sched.step()
         if evals and task is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last = {"loss": float(loss)}
+            last = {"loss": loss.item()}
             last.update(evaluate(model, view, task, evals, n=cfg.eval_n))
             log.info("sft step %d (%.0fs): %s", step, time.time() - t0, {k: round(v, 3) for k, v in last.items()})
             if on_eval:
@@ -72,18 +72,10 @@ def sft(model, view: PrivilegedView, train: list[Example], cfg: SFTConfig, evals
     return last
 
 
-@torch.no_grad()
 def evaluate(model, view, task, evals: dict[str, list[Example]], n: int = 256, max_new_tokens: int = 64,
              batch_size: int = 256) -> dict[str, float]:
-    """Greedy accuracy per split, without p (`acc/<split>`) and with p (`acc_priv/<split>`)."""
-    out = {}
-    for split, exs in evals.items():
-        exs = exs[:n]
-        for priv in (False, True):
-            correct = 0
-            for i in range(0, len(exs), batch_size):
-                chunk = exs[i : i + batch_size]
-                roll = sample(model, view, chunk, privileged=priv, do_sample=False, max_new_tokens=max_new_tokens)
-                correct += sum(task.is_correct(t, ex) for t, ex in zip(roll.texts, chunk))
-            out[f"{'acc_priv' if priv else 'acc'}/{split}"] = correct / max(1, len(exs))
-    return out
+    """Greedy accuracy per split (and domain), without p (`acc/<split>`) and with p (`acc_priv/<split>`)."""
+    evals = {split: exs[:n] for split, exs in evals.items()}
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return {**accuracy_table(model, view, task, evals, prefix="acc", **kw),
+            **accuracy_table(model, view, task, evals, prefix="acc_priv", privileged=True, **kw)}

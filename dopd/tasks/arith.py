@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from dopd.tasks.base import Example
 
@@ -49,6 +50,7 @@ class ArithTask:
     max_operand: int | None = None
     hint_form: str = "stepwise"
     splits: tuple[str, ...] = ("train", "test", "ood")
+    hint_forms: ClassVar[tuple[str, ...]] = HINT_FORMS
 
     def __post_init__(self):
         if self.hint_form not in HINT_FORMS:
