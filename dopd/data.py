@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 
 from dopd.tasks.base import Example
+
+log = logging.getLogger(__name__)
 
 
 class StepBatches:
@@ -63,8 +67,10 @@ class PromptDataModule(L.LightningDataModule):
         self.eval_examples = {s: self.task.examples(s, self.n_eval, self.data_seed) for s in self.task.splits[1:]}
         held_out = {ex.question for exs in self.eval_examples.values() for ex in exs}
         # Never train on an evaluation question: held-out accuracy must measure generalisation.
-        self.train_examples = [ex for ex in self.task.examples(self.task.splits[0], self.n_train, self.data_seed)
-                               if ex.question not in held_out]
+        drawn = self.task.examples(self.task.splits[0], self.n_train, self.data_seed)
+        self.train_examples = [ex for ex in drawn if ex.question not in held_out]
+        if len(self.train_examples) < len(drawn):
+            log.info("dropped %d training prompts that are also evaluation prompts", len(drawn) - len(self.train_examples))
         if not self.train_examples:
             raise ValueError(f"task {self.task.name!r} produced no training examples; check its data source")
 

@@ -82,23 +82,61 @@ def load_tokenizer(spec: dict, root: str | Path | None = None) -> PreTrainedToke
     return tok
 
 
-def check_vocab(student, teacher, tokenizer, name: str) -> None:
-    """Token-level distillation compares token ids: both models and the tokenizer must share one vocabulary."""
-    vs, vt = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-    if vs != vt:
+def check_vocab(student, teacher, tokenizer, name: str) -> int:
+    """Token-level distillation compares token ids, so both models must cover the tokenizer's vocabulary.
+
+    Output layers padded past the tokenizer are fine, even by different amounts (Qwen3 checkpoints pad to a
+    multiple of 128): those rows are not tokens and are cut off (PrivilegedView.vocab_size). Returns len(tokenizer).
+    """
+    n = len(tokenizer)
+    rows = {"student": student.get_output_embeddings().weight.shape[0],
+            "teacher": teacher.get_output_embeddings().weight.shape[0]}
+    short = {k: v for k, v in rows.items() if v < n}
+    if short:
+        which = " and ".join(f"the {k} only {v}" for k, v in short.items())
         raise ValueError(
-            f"teacher and student vocabularies differ ({vt} vs {vs} rows in the output layer of model {name!r}): "
-            "token-level distillation needs one vocabulary. Pick a pair from the same family "
-            "(e.g. Qwen3-8B -> Qwen3-1.7B) or resize the embeddings of both to the same size."
-        )
-    if len(tokenizer) > vs:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {vs} output rows "
-                         f"(model {name!r}): use the tokenizer the models were trained with (model.tokenizer)")
+            f"the tokenizer has {n} tokens but {which} output rows (model {name!r}; teacher {rows['teacher']}, "
+            f"student {rows['student']} rows): teacher and student vocabularies differ from the tokenizer's. "
+            "Use the tokenizer the models were trained with (model.tokenizer) and a teacher and student of one "
+            "family (e.g. Qwen3-8B -> Qwen3-1.7B); padded extra rows are allowed, missing ones are not.")
+    return n
+
+
+def check_same_tokenizer(cfg: dict, tokenizer: PreTrainedTokenizerBase, root: str | Path | None = None) -> None:
+    """A model directory that ships its own tokenizer must ship the same one as model.tokenizer.
+
+    Equal row counts do not prove one vocabulary (two families can both pad to 152k rows), so the token -> id
+    maps are compared. Models without tokenizer files (or hub ids that cannot be reached) are not checked here.
+    """
+    source = str(cfg.get("tokenizer", "char"))
+    if source == "char":
+        return
+    vocab = tokenizer.get_vocab()
+    for role in ("teacher", "student"):
+        spec = cfg[role]
+        if spec.get("source", "pretrained") != "pretrained" or str(spec.get("path")) == source:
+            continue
+        path = resolve_path(str(spec["path"]), root)
+        try:
+            own = AutoTokenizer.from_pretrained(path)
+        except Exception:  # no tokenizer files there, or an unreachable hub id: nothing to compare with
+            log.debug("model.%s at %s ships no readable tokenizer; not compared with model.tokenizer", role, path)
+            continue
+        theirs = own.get_vocab()
+        if theirs != vocab:
+            first = min(i for _, i in set(theirs.items()) ^ set(vocab.items()))
+            mine_tok, their_tok = (next((t for t, i in v.items() if i == first), None) for v in (vocab, theirs))
+            raise ValueError(
+                f"model.{role} ({path}, {len(theirs)} tokens) and model.tokenizer ({resolve_path(source, root)}, "
+                f"{len(vocab)} tokens) are different tokenizers (id {first} is {their_tok!r} in the first, "
+                f"{mine_tok!r} in the second): token-level distillation needs one vocabulary. Pick a teacher and a "
+                "student of the same family (e.g. Qwen3-8B -> Qwen3-1.7B).")
 
 
 def load_pair(cfg: dict, root: str | Path | None = None) -> Pair:
     """Build the pair and check that both speak the tokenizer's vocabulary (distillation compares token ids)."""
     tokenizer = load_tokenizer(cfg, root)
+    check_same_tokenizer(cfg, tokenizer, root)  # before the (slow) model loads
     student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root)
     teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root)
     check_vocab(student, teacher, tokenizer, cfg.get("name", "pair"))

@@ -12,6 +12,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,9 +53,15 @@ def build_router(cfg: DictConfig) -> RouterSpec:
 
 
 def build_task(cfg: DictConfig):
+    """The task config -> a task; its own errors (bad data, bad settings) reach the user unwrapped by Hydra."""
     spec = OmegaConf.to_container(cfg, resolve=True)
     spec.pop("view", None)
-    return hydra.utils.instantiate(spec)
+    try:
+        return hydra.utils.instantiate(spec)
+    except InstantiationException as err:  # Hydra prints these as one line: keep ours, without its wrapper
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError, ImportError)):
+            raise InstantiationException(f"task: {err.__cause__}") from err.__cause__
+        raise
 
 
 def build_view(cfg: DictConfig, tokenizer) -> PrivilegedView:

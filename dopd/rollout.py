@@ -59,6 +59,8 @@ def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, 
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if vocab > view.vocab_size:  # padded output rows are not tokens (see PrivilegedView): never sample them
+            gen_kwargs["suppress_tokens"] = list(range(view.vocab_size, vocab))
         out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **gen_kwargs)
     finally:
         model.train(was_training)

@@ -20,6 +20,7 @@ from dopd.tasks.base import Example
 class Contexts:
     input_ids: torch.Tensor  # [B, L] left-padded
     attention_mask: torch.Tensor  # [B, L]
+    vocab_size: int | None = None  # the tokenizer's vocabulary: logits beyond it (padded rows) are cut off
 
 
 class PrivilegedView:
@@ -27,10 +28,16 @@ class PrivilegedView:
 
     `plain` and `privileged` are str.format templates over {question} and {hint}. With `chat=True` (real
     instruction-tuned models) the formatted text becomes the user turn of the tokenizer's chat template.
+
+    `vocab_size` (default: len(tokenizer)) is the vocabulary every model's logits are cut to. Checkpoints often pad
+    their output layer past the tokenizer (Qwen3: 151936 rows for 151669 tokens), by different amounts in a
+    teacher and a student; ids past the tokenizer are not tokens, so cutting there makes any two such models
+    comparable position by position, and `rollout.sample` never samples them.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, plain: str = "Q:{question}\n",
-                 privileged: str = "H:{hint}\nQ:{question}\n", chat: bool = False, chat_kwargs: dict | None = None):
+                 privileged: str = "H:{hint}\nQ:{question}\n", chat: bool = False, chat_kwargs: dict | None = None,
+                 vocab_size: int | None = None):
         for name, tpl in (("plain", plain), ("privileged", privileged)):
             if "{question}" not in tpl:
                 raise ValueError(f"view.{name} template {tpl!r} must contain {{question}}")
@@ -38,6 +45,7 @@ class PrivilegedView:
             raise ValueError(f"view.privileged template {privileged!r} must contain {{hint}}: it is where p goes")
         self.tok, self.plain, self.privileged, self.chat = tokenizer, plain, privileged, chat
         self.chat_kwargs = dict(chat_kwargs or {})
+        self.vocab_size = int(vocab_size or len(tokenizer))
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
 
@@ -53,7 +61,7 @@ class PrivilegedView:
         texts = [self.text(ex, privileged) for ex in examples]
         self.tok.padding_side = "left"
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
-        return Contexts(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        return Contexts(enc["input_ids"].to(device), enc["attention_mask"].to(device), self.vocab_size)
 
     def response_ids(self, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise reference responses (SFT) right-padded, each followed by EOS; returns (ids, mask)."""
@@ -77,10 +85,12 @@ def response_logits(model, ctx: Contexts, response: torch.Tensor, response_mask:
     """Logits [B, R, V] where [:, n] predicts response[:, n]; only response positions reach the lm_head.
 
     Context and response are concatenated; padding after EOS in the response is masked out of attention.
+    V is the context's vocab_size when set (padded output rows cut off), else the model's row count.
     """
     ids = torch.cat([ctx.input_ids, response], dim=1)
     attn = torch.cat([ctx.attention_mask, response_mask.to(ctx.attention_mask.dtype)], dim=1)
     r = response.shape[1]
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=r + 1,
                 use_cache=False)
-    return out.logits[:, :-1]
+    logits = out.logits[:, :-1]
+    return logits if ctx.vocab_size is None or ctx.vocab_size >= logits.shape[-1] else logits[..., : ctx.vocab_size]

@@ -1,0 +1,118 @@
+"""The JSONL task: bad files fail at once with file:line, the field and the fix; good files sample reproducibly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from dopd.pipeline import build_task
+from dopd.tasks.base import Example
+from dopd.tasks.jsonl import JsonlTask
+from tests.conftest import CONF, compose_cfg
+
+GOOD = {"prompt": "What is 2+3*4?", "privileged": "Multiply first.", "answer": "14"}
+
+
+def _write(path, *lines) -> str:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def _task(tmp_path, *train_lines, **kw) -> JsonlTask:
+    test = _write(tmp_path / "test.jsonl", GOOD)
+    return JsonlTask(files={"train": _write(tmp_path / "train.jsonl", *train_lines), "test": test}, **kw)
+
+
+BROKEN = [  # (second line of train.jsonl, the words the one-line message must contain)
+    ('{"prompt": "a", "privileged": "b", "answer": "1"', ["not valid JSON", "column"]),
+    ('["a", "b"]', ["a JSON array where an object was expected"]),
+    ({"prompt": "a", "answer": "1"}, ['missing required field "privileged"']),
+    ({"prompt": "a", "privileged": "  ", "answer": "1"}, ['field "privileged" is empty', "give it text"]),
+    ({"prompt": "a", "privileged": "b", "answer": 1}, ['field "answer" is a number', 'quote it: "answer": "1"']),
+    ({"prompt": "a", "privileged": "b", "answer": None}, ['field "answer" is null']),
+    ({"prompt": "a", "privileged": "b", "answer": "1", "domain": ["x"]}, ['field "domain" is an array', "write it as a string"]),
+    ({"prompt": "a", "privilged": "b", "answer": "1"}, ['unknown field "privilged"', "typo", "task.ignore_fields"]),
+]
+
+
+@pytest.mark.parametrize("line,words", BROKEN, ids=[w[0][:24] for _, w in BROKEN])
+def test_a_broken_line_is_named_with_file_line_field_and_fix(tmp_path, line, words):
+    with pytest.raises(ValueError) as err:
+        _task(tmp_path, GOOD, line)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'train.jsonl'}:2: ")
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_missing_empty_and_single_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"task.files.test: .*nope.jsonl does not exist.*fix the path"):
+        JsonlTask(files={"train": _write(tmp_path / "train.jsonl", GOOD), "test": str(tmp_path / "nope.jsonl")})
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"task.files.train: .*empty.jsonl is empty"):
+        JsonlTask(files={"train": str(tmp_path / "empty.jsonl"), "test": _write(tmp_path / "t.jsonl", GOOD)})
+    with pytest.raises(ValueError, match="at least one evaluation split"):
+        JsonlTask(files={"train": _write(tmp_path / "train.jsonl", GOOD)})
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="not UTF-8"):
+        JsonlTask(files={"train": str(tmp_path / "latin1.jsonl"), "test": _write(tmp_path / "t.jsonl", GOOD)})
+
+
+def test_ignore_fields_and_optional_fields(tmp_path):
+    task = _task(tmp_path, {**GOOD, "id": 7, "domain": "algebra", "solution": "12+2=14, \\boxed{14}"},
+                 ignore_fields=["id"])
+    (ex,) = task.examples("train", 1, 0)
+    assert ex == Example("What is 2+3*4?", "Multiply first.", "14", "12+2=14, \\boxed{14}", "algebra")
+    assert task.splits == ("train", "test")
+
+
+def test_examples_are_a_seeded_subset_without_duplicates(tmp_path, caplog):
+    rows = [{**GOOD, "prompt": f"q{i}"} for i in range(20)]
+    task = _task(tmp_path, *rows)
+    a, b, c = task.examples("train", 5, 0), task.examples("train", 5, 0), task.examples("train", 5, 1)
+    assert a == b and a != c and len({e.question for e in a}) == 5
+    with caplog.at_level(logging.WARNING):
+        every = task.examples("train", 50, 0)
+    assert sorted(e.question for e in every) == sorted(r["prompt"] for r in rows)  # all of them, once each
+    assert "50 train examples asked for, the file has 20" in caplog.text
+    with pytest.raises(ValueError, match="unknown split 'ood'"):
+        task.examples("ood", 1, 0)
+
+
+def test_answers_are_checked_with_math_verify(tmp_path):
+    task = _task(tmp_path, {**GOOD, "answer": "3/4"})
+    (ex,) = task.examples("train", 1, 0)
+    assert task.is_correct("so the answer is \\boxed{\\frac{3}{4}}.", ex)
+    assert task.is_correct("0.75", ex)
+    assert not task.is_correct("\\boxed{4/3}", ex)
+    assert task.extract_answer("a \\boxed{x^{2}} b") == "x^{2}"
+
+
+def test_shipped_config_builds_with_relative_paths_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example files are found under the project root
+    task = build_task(compose_cfg(["task=jsonl"], tmp_path).task)
+    assert task.splits == ("train", "test") and len(task.examples("test", 100, 0)) == 4
+    for ex in task.examples("train", 100, 0):  # every shipped solution is judged correct by the task itself
+        assert task.is_correct(ex.solution, ex), ex
+
+
+@pytest.mark.slow
+def test_train_py_reports_a_broken_file_in_one_line_and_marks_the_run_failed(tmp_path):
+    bad = _write(tmp_path / "bad.jsonl", GOOD, {"prompt": "a", "answer": "1"})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = subprocess.run([sys.executable, "train.py", "task=jsonl", f"task.files.train={bad}", "model=tiny_random",
+                          f"logger.tracking_uri={uri}", f"paths.output_dir={tmp_path}/out"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(CONF).parent)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if f"{bad}:2:" in ln]
+    assert len(lines) == 1 and 'missing required field "privileged"' in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
+    assert run.info.status == "FAILED" and 'missing required field "privileged"' in run.data.tags["error"]
