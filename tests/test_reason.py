@@ -91,3 +91,14 @@ def test_cross_domain_evaluation():
 def test_bad_settings_name_the_key(bad):
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         ReasonTask(**bad)
+
+
+def test_ood_by_larger_operands():
+    task = ReasonTask(ood_extra_steps=0, ood_max_operand=30, ood_max_value=600)
+    ood = task.examples("ood", 300, 0)
+    operands = [int(x) for ex in ood for x in re.findall(r"\d+", ex.question.split(";")[0])]
+    assert max(operands) > 20 and max(int(ex.answer) for ex in ood) <= 600
+    assert all(ex.solution.count(";") == task.n_steps for ex in ood)
+    assert all(int(ex.answer) == solve(ex.domain, ex.question) for ex in ood)
+    test = task.examples("test", 300, 0)
+    assert max(int(x) for ex in test if ex.domain == "funcs" for x in re.findall(r"\((\d+)\)", ex.question)) <= 20

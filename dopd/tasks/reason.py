@@ -23,7 +23,9 @@ Hint forms (Table 4): ``stepwise`` (plan, no values), ``stepwise_exec`` (plan wi
 variant, where p carries no information), and ``mixed`` (one of the five per question, for the SFT stage that
 teaches both models to read every form).
 
-Splits: ``train``, ``test`` (same distribution, disjoint from train) and ``ood`` (one more step). The
+Splits: ``train``, ``test`` (same distribution, disjoint from train) and ``ood`` (harder: larger operands with
+``ood_max_operand``/``ood_max_value``, and/or ``ood_extra_steps`` more steps; the config uses larger operands,
+since both models fail longer chains almost always). The
 ``domains`` a task draws its questions from and the ``eval_domains`` it is evaluated on can differ, so
 cross-domain OOD (train on one, test on others, Fig. 7b) and continual learning (Fig. 7a) are configs.
 """
@@ -48,7 +50,7 @@ Step = tuple[str, int, str]  # (executed expression "22*3", value 66, plan "_*3"
 
 @dataclass
 class ReasonTask:
-    """Questions from `domains` (round-robin), `n_steps` operations each (`ood`: `n_steps + ood_extra_steps`).
+    """Questions from `domains` (round-robin), `n_steps` operations each (`ood`: harder, see the module doc).
 
     Operands are 1..`max_operand`, `*` takes a factor 2..9, and no value may leave 0..`max_value`.
     """
@@ -61,6 +63,8 @@ class ReasonTask:
     max_operand: int = 20
     max_value: int = 400
     distractors: int = 2  # unused definitions in vars/funcs questions: without p, the chain must be traced
+    ood_max_operand: int | None = None  # ood: larger operands than training (None: the same)
+    ood_max_value: int | None = None
     hint_form: str = "stepwise"
     splits: tuple[str, ...] = ("train", "test", "ood")
     hint_forms: ClassVar[tuple[str, ...]] = HINT_FORMS[:5]  # the forms p can take for evaluation
@@ -87,10 +91,11 @@ class ReasonTask:
         steps = self.n_steps + (self.ood_extra_steps if split == "ood" else 0)
         banned = set() if split == self.splits[0] else self._train_questions(seed)
         streams = {d: random.Random(f"{self.name}/{d}/{split}/{seed}") for d in domains}
+        limits = (self.ood_max_operand, self.ood_max_value) if split == "ood" else (None, None)
         out: list[Example] = []
         while len(out) < n:
             domain = domains[len(out) % len(domains)]
-            ex = self._one(domain, streams[domain], steps)
+            ex = self._one(domain, streams[domain], steps, *limits)
             if ex is not None and ex.question not in banned:
                 out.append(ex)
         return out
@@ -102,9 +107,11 @@ class ReasonTask:
                                   (self._one(d, rngs[d], self.n_steps) for _ in range(n)) if ex is not None}
         return self._banned[seed]
 
-    def _one(self, domain: str, rng: random.Random, n_steps: int) -> Example | None:
+    def _one(self, domain: str, rng: random.Random, n_steps: int, max_operand: int | None = None,
+             max_value: int | None = None) -> Example | None:
+        self._max_operand = max_operand or self.max_operand  # the cap of the question being drawn (ood raises it)
         question, steps = _GENERATORS[domain](self, rng, n_steps)
-        if steps is None or any(not 0 <= v <= self.max_value for _, v, _ in steps):
+        if steps is None or any(not 0 <= v <= (max_value or self.max_value) for _, v, _ in steps):
             return None
         answer = str(steps[-1][1])
         solution = ";".join(f"{expr}={val}" for expr, val, _ in steps) + f";#{answer}"
@@ -113,7 +120,7 @@ class ReasonTask:
         return Example(question, render_hint(form, steps, answer), answer, solution, domain=domain)
 
     def _operand(self, rng: random.Random) -> int:
-        return rng.randint(1, self.max_operand)
+        return rng.randint(1, self._max_operand)
 
     def _op(self, rng: random.Random) -> tuple[str, int]:
         op = rng.choice("+-*")
