@@ -59,18 +59,20 @@ def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, divergenc
     return beta * kl_tm + (1.0 - beta) * kl_sm
 
 
-def _chunked(fn, student: torch.Tensor, target: torch.Tensor, *extra, chunk_size: int = 1024) -> torch.Tensor:
+def _chunked(fn, student: torch.Tensor, target: torch.Tensor, *extra, chunk_size: int = 1024,
+             checkpoint: bool = True) -> torch.Tensor:
     """Apply a row-wise fn(student_rows, target_rows, *extra_rows) chunk by chunk.
 
     With gradient, each chunk is checkpointed: its fp32 softmaxes are recomputed in backward instead of kept, so
     memory stays O(chunk x V) in fp32 whatever the number of rows. `extra` tensors are split alongside the rows.
+    `checkpoint=False` is for functions whose backward keeps nothing of size V anyway (it saves the recompute).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     out = []
     pieces = zip(student.split(chunk_size), target.split(chunk_size), *(e.split(chunk_size) for e in extra))
     for s, t, *e in pieces:
-        if s.requires_grad and s.shape[0] > 0:
+        if checkpoint and s.requires_grad and s.shape[0] > 0:
             out.append(torch.utils.checkpoint.checkpoint(fn, s, t, *e, use_reentrant=False))
         else:
             out.append(fn(s, t, *e))
@@ -106,19 +108,21 @@ def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
     if k <= 0:
         raise ValueError(f"top_k must be positive, got {k}")
     k = min(k, student.shape[-1])
+    # Without a tail, autograd keeps only the gathered [rows, K] entries: nothing to recompute in backward.
     return _chunked(lambda s, t: _topk_chunk(s, t, divergence, k, beta, support, tail, temperature), student,
-                    target.detach(), chunk_size=chunk_size)
+                    target.detach(), chunk_size=chunk_size, checkpoint=tail)
 
 
 def _topk_chunk(s, t, divergence, k, beta, support, tail, temperature):
-    log_s = torch.log_softmax(_up(s) / temperature, dim=-1)
-    log_t = torch.log_softmax(_up(t) / temperature, dim=-1)
-    idx = (log_s if support == "student" else log_t).detach().topk(k, dim=-1).indices
-    ks, kt = log_s.gather(-1, idx), log_t.gather(-1, idx)
+    s, t = _up(s) / temperature, _up(t) / temperature
+    # Top-K of the logits is the top-K of the probabilities, and renormalising on K entries cancels the full
+    # normaliser: without a tail bucket no [rows, V] log-softmax is ever materialised.
+    idx = (s if support == "student" else t).detach().topk(k, dim=-1).indices
     if tail:
-        ks, kt = _with_tail(ks), _with_tail(kt)
+        ks = _with_tail(s.gather(-1, idx) - torch.logsumexp(s, dim=-1, keepdim=True))
+        kt = _with_tail(t.gather(-1, idx) - torch.logsumexp(t, dim=-1, keepdim=True))
     else:
-        ks, kt = torch.log_softmax(ks, dim=-1), torch.log_softmax(kt, dim=-1)
+        ks, kt = torch.log_softmax(s.gather(-1, idx), dim=-1), torch.log_softmax(t.gather(-1, idx), dim=-1)
     return divergence_from_logprobs(ks, kt, divergence, beta)
 
 
@@ -144,8 +148,7 @@ def sampled_divergence(student: torch.Tensor, target: torch.Tensor, tokens: torc
 
 
 def _sampled_chunk(student, target, tokens, divergence, beta, temperature):
-    log_s = torch.log_softmax(_up(student) / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    log_t = torch.log_softmax(_up(target) / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    log_s, log_t = (_token_logprob(_up(x) / temperature, tokens) for x in (student, target))
     ls, lt = log_s.detach(), log_t
     if divergence == "rkl" or (divergence == "js" and beta == 1.0):
         value, g = ls - lt, ls - lt
@@ -159,6 +162,11 @@ def _sampled_chunk(student, target, tokens, divergence, beta, temperature):
         g = (1.0 - beta) * (ls - log_m)
     # value + g * (log S - sg log S): forward equals `value`, backward equals g * grad log S.
     return value + g * (log_s - ls)
+
+
+def _token_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] without materialising the [rows, V] log-softmax."""
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def divergence(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, *, divergence: str, scope: str,
