@@ -1,7 +1,7 @@
 """The testbed's preconditions (issue: privilege-illusion testbed), measured before any comparison of routers.
 
     python scripts/preconditions.py                       # zoo/reason/{l,s} cards + MLflow experiment table1
-    python scripts/preconditions.py --teacher xl --student m --experiment table3
+    python scripts/preconditions.py --teacher xl --student s --experiment table3
 
 (i)   without p, the teacher beats the student by >= 20 points held-out (zoo cards);
 (ii)  p helps both, and at the start of a DOPD run >= 10% of response tokens are HT (the first logged step of the
@@ -51,12 +51,12 @@ def main(argv=None) -> int:
     t, s = card(args.teacher)["accuracy"], card(args.student)["accuracy"]
     n = card(args.teacher)["eval_n"]
     ok = {}
-    gap = t["acc/avg"] - s["acc/avg"]
+    gap = t["acc/test"] - s["acc/test"]
     ok["i"] = gap >= 0.20
-    print(f"(i)   without p: teacher {100 * t['acc/avg']:.1f} vs student {100 * s['acc/avg']:.1f} (avg of test, ood): "
+    print(f"(i)   without p: teacher {100 * t['acc/test']:.1f} vs student {100 * s['acc/test']:.1f} (held-out test): "
           f"gap {100 * gap:+.1f} points -> {'PASS' if ok['i'] else 'FAIL'}")
-    helps = {who: a["acc_priv/stepwise/avg"] - a["acc/avg"] for who, a in (("teacher", t), ("student", s))}
-    with_p_gap = t["acc_priv/stepwise/avg"] - s["acc_priv/stepwise/avg"]
+    helps = {who: a["acc_priv/stepwise/test"] - a["acc/test"] for who, a in (("teacher", t), ("student", s))}
+    with_p_gap = t["acc_priv/stepwise/test"] - s["acc_priv/stepwise/test"]
     client, dopd = runs_of(args.tracking_uri, args.experiment, "dopd")
     ht = [h[0].value for r in dopd if (h := sorted(client.get_metric_history(r.info.run_id, "train/regime/HT/frac"),
                                                    key=lambda m: m.step))]
