@@ -80,7 +80,7 @@ def test_examples_are_a_seeded_subset_without_duplicates(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         every = task.examples("train", 50, 0)
     assert sorted(e.question for e in every) == sorted(r["prompt"] for r in rows)  # all of them, once each
-    assert "50 train examples asked for, the file has 20" in caplog.text
+    assert "50 train examples asked for, the split has 20" in caplog.text
     with pytest.raises(ValueError, match="unknown split 'ood'"):
         task.examples("ood", 1, 0)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import random
 from dataclasses import asdict, dataclass
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,3 +33,15 @@ class Task(Protocol):
     def extract_answer(self, response: str) -> str | None: ...
 
     def is_correct(self, response: str, example: Example) -> bool: ...
+
+
+def seeded_subset(task_name: str, rows: dict[str, list[Example]], split: str, n: int, seed: int) -> list[Example]:
+    """A seeded random subset of a fixed dataset's split: all rows (shuffled) when n exceeds it, never duplicates."""
+    if split not in rows:
+        raise ValueError(f"unknown split {split!r} for task {task_name!r}; valid: {tuple(rows)}")
+    out = list(rows[split])
+    random.Random(f"{task_name}/{split}/{seed}").shuffle(out)
+    if n > len(out):
+        log.warning("task %s: %d %s examples asked for, the split has %d; using all of them", task_name, n, split,
+                    len(out))
+    return out[: max(0, n)]

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import re
 from dataclasses import dataclass, field
 
 from dopd import answers
-from dopd.tasks.base import Example
+from dopd.tasks.base import Example, seeded_subset
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +149,7 @@ class ChampTask:
                  dropped)
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
-        """A seeded random subset; all problems (shuffled) when n exceeds the split, never duplicates."""
-        if split not in self.rows:
-            raise ValueError(f"unknown split {split!r} for task {self.name!r}; valid: {self.splits}")
-        rows = list(self.rows[split])
-        random.Random(f"{self.name}/{split}/{seed}").shuffle(rows)
-        if n > len(rows):
-            log.warning("task champ: %d %s examples asked for, the split has %d; using all of them", n, split, len(rows))
-        return rows[: max(0, n)]
+        return seeded_subset(self.name, self.rows, split, n, seed)
 
     def extract_answer(self, response: str) -> str | None:
         return answers.extract_boxed_or_last(response)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dopd import answers
-from dopd.tasks.base import Example
+from dopd.tasks.base import Example, seeded_subset
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +116,7 @@ class JsonlTask:
                      for s, p in self.files.items()}
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
-        """A seeded random subset of n rows; all rows (shuffled) when the file has fewer, never duplicates."""
-        if split not in self.rows:
-            raise ValueError(f"unknown split {split!r} for task {self.name!r}; valid: {self.splits}")
-        rows = list(self.rows[split])
-        random.Random(f"{self.name}/{split}/{seed}").shuffle(rows)
-        if n > len(rows):
-            log.warning("task %s: %d %s examples asked for, the file has %d; using all of them", self.name, n, split,
-                        len(rows))
-        return rows[: max(0, n)]
+        return seeded_subset(self.name, self.rows, split, n, seed)
 
     def extract_answer(self, response: str) -> str | None:
         return answers.extract_boxed_or_last(response)
