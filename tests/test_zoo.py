@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import dopd
 from dopd.models import load_pair
 from dopd.sft import evaluate
 from dopd.tasks.arith import ArithTask
+from dopd.tokenizer import char_tokenizer
 from dopd.view import PrivilegedView
 
 ZOO = dopd.PROJECT_ROOT / "zoo" / "arith"
@@ -47,3 +49,33 @@ def test_default_config_uses_the_cards_task(card):
     for key in ("n_ops", "max_digits", "max_operand", "ood_extra_ops", "hint_form"):
         assert cfg.task[key] == card["task"][key], key
     assert cfg.task.view.plain == card["view"]["plain"].encode().decode("unicode_escape")
+
+
+@pytest.mark.parametrize("name", ["s", "l"])  # the default pair of the experiments
+def test_reasoning_zoo_matches_its_card(name, tmp_path):
+    """Re-measure a published zoo model on its card's held-out questions, without p and with the step-wise p."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from dopd.evaluation import accuracy_table
+    from dopd.pipeline import build_task
+    from dopd.zoo import sft_data
+    from tests.conftest import compose_cfg
+
+    torch.set_num_threads(2)
+    folder = dopd.PROJECT_ROOT / "zoo" / "reason" / name
+    card = json.loads((folder / "card.json").read_text())
+    cfg = compose_cfg([f"zoo=reason_{name}"], tmp_path)
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)  # the card's task is the config's (keys added since: unset)
+    assert {k: v for k, v in task_cfg.items() if k in card["task"] or v is not None} == card["task"]
+    task = build_task(cfg.task)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    view = PrivilegedView(char_tokenizer())
+    _, evals = sft_data(task, cfg)
+    measured = accuracy_table(model, view, task, {"test": evals["test"]})
+    _, stepwise = sft_data(dataclasses.replace(task, hint_form="stepwise"), cfg)
+    measured.update(accuracy_table(model, view, task, {"test": stepwise["test"]}, prefix="acc_priv/stepwise",
+                                   privileged=True))
+    for key in ("acc/test", "acc_priv/stepwise/test"):
+        assert measured[key] == pytest.approx(card["accuracy"][key], abs=0.01), key
