@@ -152,6 +152,15 @@ def artifact_location(uri: str, lc: DictConfig) -> str | None:
     return lc.get("artifact_location") if uri.startswith("sqlite:") else None
 
 
+def sweep_overrides(config: DictConfig) -> list[str]:
+    """What the sweep varies: the config's `hydra.sweeper.params` (experiment configs), then the command line,
+    which wins for a key it repeats (as in Hydra's BasicSweeper)."""
+    merged = {f"{k}": f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()}
+    for override in config.hydra.overrides.task:
+        merged[override.split("=", 1)[0].lstrip("+~")] = override
+    return list(merged.values())
+
+
 class MLflowSweepCallback(Callback):
     """Opens a parent run before a multirun's first job and closes it after the last."""
 
@@ -160,7 +169,7 @@ class MLflowSweepCallback(Callback):
         uri = check_tracking_uri(str(lc.tracking_uri))
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp = experiment_id(client, lc.experiment, artifact_location(uri, lc))
-        overrides = list(config.hydra.overrides.task)
+        overrides = sweep_overrides(config)
         name = lc.get("sweep_name") or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         run = client.create_run(exp, run_name=name, tags={"sweep": "true", "overrides": " ".join(overrides)[:5000],
                                                           "git_commit": git_commit(Path(config.paths.root))})

@@ -41,3 +41,14 @@ def test_every_swept_value_composes_with_one_budget(name, tmp_path):
                 build_task(cfg.task)
             budgets.add(OmegaConf.to_yaml({k: cfg[k] for k in ("trainer", "data", "optim", "rollout", "eval")}))
     assert len(budgets) == 1, name
+
+
+def test_sweep_parent_records_what_the_experiment_sweeps():
+    """The parent run's `overrides` tag (which the report groups by) has the config's sweep, the command line winning."""
+    from dopd.tracking import sweep_overrides, swept_keys
+
+    cfg = compose_cfg(["experiment=table4", "task.hint_form=none", "trainer.max_steps=5"])
+    overrides = sweep_overrides(cfg)
+    assert "task.hint_form=none" in overrides and "router=vanilla,dopd" in overrides
+    assert "task.hint_form=answer,stepwise_exec,stepwise,summary,none" not in overrides
+    assert sorted(swept_keys(overrides)) == ["router", "seed"]
