@@ -29,15 +29,12 @@ def outcomes(model, view, task, examples: list[Example], *, privileged: bool = F
     return solved, lengths
 
 
-def by_domain(values: list[float], examples: list[Example]) -> dict[str, float]:
-    """Mean over all examples (key "") and, when the examples span several domains, per domain."""
-    groups = defaultdict(list)
-    for v, ex in zip(values, examples):
-        groups[ex.domain].append(float(v))
-    out = {"": sum(map(float, values)) / max(1, len(values))}
-    if len(groups) > 1:
-        out.update({d: sum(vs) / len(vs) for d, vs in sorted(groups.items())})
-    return out
+def domain_rows(examples: list[Example]) -> dict[str, list[int]]:
+    """Row indices overall (key "") and per domain (key "/<domain>") when the examples span several domains."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[f"/{ex.domain}"].append(i)
+    return {"": list(range(len(examples))), **(dict(sorted(groups.items())) if len(groups) > 1 else {})}
 
 
 def accuracy_table(model, view, task, evals: dict[str, list[Example]], *, prefix: str = "acc",
@@ -46,8 +43,8 @@ def accuracy_table(model, view, task, evals: dict[str, list[Example]], *, prefix
     out = {}
     for split, exs in evals.items():
         solved, _ = outcomes(model, view, task, exs, privileged=privileged, **kwargs)
-        for domain, acc in by_domain(solved, exs).items():
-            out[f"{prefix}/{split}" + (f"/{domain}" if domain else "")] = acc
+        for domain, rows in domain_rows(exs).items():
+            out[f"{prefix}/{split}{domain}"] = sum(solved[i] for i in rows) / max(1, len(rows))
     splits = [out[f"{prefix}/{s}"] for s in evals]
     if splits:
         out[f"{prefix}/avg"] = sum(splits) / len(splits)

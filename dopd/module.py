@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torchmetrics import MeanMetric
 
-from dopd.evaluation import outcomes
+from dopd.evaluation import domain_rows, outcomes
 from dopd.metrics import distillation_diagnostics, masked_entropy
 from dopd.rollout import Rollout, sample
 from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss, sampled_logprob
@@ -184,7 +184,7 @@ class DistillModule(L.LightningModule):
                 values[f"pass{k}"] = outcomes(model, self.view, self.task, shard, k=k,
                                                temperature=self.rollout_cfg.get("temperature", 1.0), **kw)
             for name, (solved, lengths) in values.items():
-                for domain, idx in _domain_rows(shard).items():
+                for domain, idx in domain_rows(shard).items():
                     results[f"{prefix}/{name}/{split}{domain}"] = _mean([solved[i] for i in idx], self.device)
             results[f"{prefix}/response_len/{split}"] = _mean(values["acc"][1], self.device)
         for name in ("acc", f"pass{k}") if k > 1 else ("acc",):
@@ -269,14 +269,6 @@ def _numpy_state_to_tensor(state) -> dict:
 
 def _numpy_state_from_tensor(state: dict):
     return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])
-
-
-def _domain_rows(examples) -> dict[str, list[int]]:
-    """Row indices overall (key "") and per domain (key "/<domain>") when the examples span several domains."""
-    groups: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        groups.setdefault(f"/{ex.domain}", []).append(i)
-    return {"": list(range(len(examples))), **(groups if len(groups) > 1 else {})}
 
 
 def _mean(values, device) -> float:

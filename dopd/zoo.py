@@ -37,13 +37,17 @@ def cache_key(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def heldout(task, cfg: DictConfig) -> dict[str, list]:
+    """The first `heldout_n` questions of every held-out split: never trained on (distillation evaluates there)."""
+    return {split: task.examples(split, cfg.sft.heldout_n, cfg.data.seed) for split in task.splits[1:]}
+
+
 def sft_data(task, cfg: DictConfig):
-    """Training questions minus the first `heldout_n` of every held-out split (which distillation evaluates on)."""
-    s = cfg.sft
-    heldout = {split: task.examples(split, s.heldout_n, cfg.data.seed) for split in task.splits[1:]}
-    banned = {ex.question for exs in heldout.values() for ex in exs}
-    train = [ex for ex in task.examples(task.splits[0], s.n_train, cfg.data.seed) if ex.question not in banned]
-    return train, {split: exs[: s.eval_n] for split, exs in heldout.items()}
+    """Training questions minus the held-out ones, and the first `eval_n` held-out questions per split."""
+    held = heldout(task, cfg)
+    banned = {ex.question for exs in held.values() for ex in exs}
+    train = [ex for ex in task.examples(task.splits[0], cfg.sft.n_train, cfg.data.seed) if ex.question not in banned]
+    return train, {split: exs[: cfg.sft.eval_n] for split, exs in held.items()}
 
 
 def hint_form_accuracy(model, view, task, cfg: DictConfig, forms) -> dict[str, float]:
@@ -53,7 +57,7 @@ def hint_form_accuracy(model, view, task, cfg: DictConfig, forms) -> dict[str, f
     """
     out = {}
     for form in forms:
-        _, evals = sft_data(dataclasses.replace(task, hint_form=form), cfg)
+        evals = {split: exs[: cfg.sft.eval_n] for split, exs in heldout(dataclasses.replace(task, hint_form=form), cfg).items()}
         out.update(accuracy_table(model, view, task, evals, prefix=f"acc_priv/{form}", privileged=True))
     return out
 
