@@ -57,7 +57,8 @@ def hint_form_accuracy(model, view, task, cfg: DictConfig, forms) -> dict[str, f
     """
     out = {}
     for form in forms:
-        evals = {split: exs[: cfg.sft.eval_n] for split, exs in heldout(dataclasses.replace(task, hint_form=form), cfg).items()}
+        variant = dataclasses.replace(task, hint_form=form)
+        evals = {split: variant.examples(split, cfg.sft.eval_n, cfg.data.seed) for split in task.splits[1:]}
         out.update(accuracy_table(model, view, task, evals, prefix=f"acc_priv/{form}", privileged=True))
     return out
 

@@ -109,8 +109,7 @@ class ReasonTask:
 
     def _one(self, domain: str, rng: random.Random, n_steps: int, max_operand: int | None = None,
              max_value: int | None = None) -> Example | None:
-        self._max_operand = max_operand or self.max_operand  # the cap of the question being drawn (ood raises it)
-        question, steps = _GENERATORS[domain](self, rng, n_steps)
+        question, steps = _GENERATORS[domain](self, rng, n_steps, max_operand or self.max_operand)
         if steps is None or any(not 0 <= v <= (max_value or self.max_value) for _, v, _ in steps):
             return None
         answer = str(steps[-1][1])
@@ -119,22 +118,20 @@ class ReasonTask:
         form = random.Random(question).choice(HINT_FORMS[:5]) if self.hint_form == "mixed" else self.hint_form
         return Example(question, render_hint(form, steps, answer), answer, solution, domain=domain)
 
-    def _operand(self, rng: random.Random) -> int:
-        return rng.randint(1, self._max_operand)
-
-    def _op(self, rng: random.Random) -> tuple[str, int]:
+    @staticmethod
+    def _op(rng: random.Random, cap: int) -> tuple[str, int]:
         op = rng.choice("+-*")
-        return op, rng.randint(2, 9) if op == "*" else self._operand(rng)
+        return op, rng.randint(2, 9) if op == "*" else rng.randint(1, cap)
 
-    def _arith(self, rng, n_steps):
+    def _arith(self, rng, n_steps, cap):
         ops = [rng.choice("+-*") for _ in range(n_steps)]
-        nums = [self._operand(rng)] + [rng.randint(2, 9) if op == "*" else self._operand(rng) for op in ops]
+        nums = [rng.randint(1, cap)] + [rng.randint(2, 9) if op == "*" else rng.randint(1, cap) for op in ops]
         question = "".join(f"{a}{op}" for a, op in zip(nums, ops)) + str(nums[-1])
         return question, _execute(nums, ops)
 
-    def _chain(self, rng, n_steps) -> tuple[int, list[tuple[str, int]], list[Step] | None]:
-        """A start value and n_steps (op, operand) applied in order, executed."""
-        start, ops = self._operand(rng), [self._op(rng) for _ in range(n_steps)]
+    def _chain(self, rng, n_steps, cap) -> tuple[int, list[tuple[str, int]], list[Step] | None]:
+        """A start value and n_steps (op, operand) applied in order, executed; operands up to `cap`."""
+        start, ops = rng.randint(1, cap), [self._op(rng, cap) for _ in range(n_steps)]
         steps, value = [], start
         for i, (op, b) in enumerate(ops):
             new = value + b if op == "+" else value - b if op == "-" else value * b
@@ -142,21 +139,21 @@ class ReasonTask:
             value = new
         return start, ops, steps
 
-    def _vars(self, rng, n_steps):
-        start, ops, steps = self._chain(rng, n_steps)
+    def _vars(self, rng, n_steps, cap):
+        start, ops, steps = self._chain(rng, n_steps, cap)
         names = rng.sample(string.ascii_lowercase, n_steps + 1 + self.distractors)
         defs = [f"{names[0]}={start}"] + [f"{names[i + 1]}={names[i]}{op}{b}" for i, (op, b) in enumerate(ops)]
         for j in range(self.distractors):  # a dead end: refers to a chain variable but feeds nothing asked
-            op, b = self._op(rng)
+            op, b = self._op(rng, cap)
             defs.append(f"{names[n_steps + 1 + j]}={rng.choice(names[: n_steps + 1 + j])}{op}{b}")
         names = names[: n_steps + 1]
         rng.shuffle(defs)
         return ",".join(defs) + f";{names[-1]}?", steps
 
-    def _funcs(self, rng, n_steps):
-        start, ops, steps = self._chain(rng, n_steps)
+    def _funcs(self, rng, n_steps, cap):
+        start, ops, steps = self._chain(rng, n_steps, cap)
         names = rng.sample("fghkmnpqrs", n_steps + self.distractors)  # names[i] applies ops[i]
-        defs = [f"{name}={op}{b}" for name, (op, b) in zip(names, ops + [self._op(rng) for _ in range(self.distractors)])]
+        defs = [f"{name}={op}{b}" for name, (op, b) in zip(names, ops + [self._op(rng, cap) for _ in range(self.distractors)])]
         names = names[:n_steps]
         rng.shuffle(defs)
         call = str(start)
