@@ -65,10 +65,10 @@ class PromptDataModule(L.LightningDataModule):
         if self.train_examples:
             return
         self.eval_examples = {s: self.task.examples(s, self.n_eval, self.data_seed) for s in self.task.splits[1:]}
-        held_out = {ex.question for exs in self.eval_examples.values() for ex in exs}
+        held_out = {ex.key for exs in self.eval_examples.values() for ex in exs}
         # Never train on an evaluation question: held-out accuracy must measure generalisation.
         drawn = self.task.examples(self.task.splits[0], self.n_train, self.data_seed)
-        self.train_examples = [ex for ex in drawn if ex.question not in held_out]
+        self.train_examples = [ex for ex in drawn if ex.key not in held_out]
         if len(self.train_examples) < len(drawn):
             log.info("dropped %d training prompts that are also evaluation prompts", len(drawn) - len(self.train_examples))
         if not self.train_examples:

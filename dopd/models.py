@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config
@@ -27,6 +28,7 @@ class Pair:
     teacher: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
+    processor: Any = None  # vision-language pairs: turns (text, image) into model inputs (dopd.vision)
 
 
 def tiny_qwen3(vocab_size: int, *, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -52,16 +54,25 @@ def resolve_path(path: str, root: str | Path | None) -> str:
     return path
 
 
-def load_model(spec: dict, vocab_size: int | None = None, root: str | Path | None = None) -> PreTrainedModel:
+def load_model(spec: dict, vocab_size: int | None = None, root: str | Path | None = None,
+               tokenizer: PreTrainedTokenizerBase | None = None, vision: bool = False) -> PreTrainedModel:
+    """One model: `source: random` builds a tiny Qwen3 (Qwen3-VL when `vision`) from `arch`, `pretrained` loads."""
     source = spec.get("source", "pretrained")
     dtype = _DTYPES[str(spec.get("dtype", "float32"))]
     if source == "random":
         arch = dict(spec.get("arch", {}))
+        if vision:
+            from dopd.vision import tiny_qwen3_vl
+
+            return tiny_qwen3_vl(tokenizer, seed=spec.get("seed", 0), **arch).to(dtype)
         return tiny_qwen3(vocab_size=vocab_size, seed=spec.get("seed", 0), **arch).to(dtype)
     if source == "pretrained":
         path = resolve_path(spec["path"], root)
+        auto = AutoModelForCausalLM
+        if vision:
+            from transformers import AutoModelForImageTextToText as auto
         try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **spec.get("kwargs", {}))
+            return auto.from_pretrained(path, dtype=dtype, **spec.get("kwargs", {}))
         except OSError as err:
             raise FileNotFoundError(
                 f"model path {path!r} is neither a local directory nor a reachable hub id ({err.__class__.__name__}). "
@@ -134,10 +145,30 @@ def check_same_tokenizer(cfg: dict, tokenizer: PreTrainedTokenizerBase, root: st
 
 
 def load_pair(cfg: dict, root: str | Path | None = None) -> Pair:
-    """Build the pair and check that both speak the tokenizer's vocabulary (distillation compares token ids)."""
-    tokenizer = load_tokenizer(cfg, root)
-    check_same_tokenizer(cfg, tokenizer, root)  # before the (slow) model loads
-    student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root)
-    teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root)
+    """Build the pair and check that both speak the tokenizer's vocabulary (distillation compares token ids).
+
+    `modality: vision` pairs (Qwen3-VL) load a `processor` (hub id, local path, or `char` for the in-code one)
+    whose tokenizer is the pair's tokenizer.
+    """
+    modality = cfg.get("modality", "text")
+    if modality not in ("text", "vision"):
+        raise ValueError(f"model.modality={modality!r} is not one of ('text', 'vision')")
+    processor = None
+    if modality == "vision":
+        from dopd.vision import load_processor
+
+        source = str(cfg.get("processor", "char"))
+        processor = load_processor(source if source == "char" else resolve_path(source, root))
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        check_same_tokenizer({**cfg, "tokenizer": source}, tokenizer, root)
+    else:
+        tokenizer = load_tokenizer(cfg, root)
+        check_same_tokenizer(cfg, tokenizer, root)  # before the (slow) model loads
+    vision = modality == "vision"
+    student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
+    teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
     check_vocab(student, teacher, tokenizer, cfg.get("name", "pair"))
-    return Pair(student, teacher, tokenizer, cfg.get("name", "pair"))
+    return Pair(student, teacher, tokenizer, cfg.get("name", "pair"), processor)

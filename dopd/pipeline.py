@@ -64,10 +64,11 @@ def build_task(cfg: DictConfig):
         raise
 
 
-def build_view(cfg: DictConfig, tokenizer) -> PrivilegedView:
+def build_view(cfg: DictConfig, tokenizer, processor=None) -> PrivilegedView:
     v = cfg.task.view
     return PrivilegedView(tokenizer, plain=v.plain, privileged=v.privileged, chat=bool(cfg.model.get("chat", False)),
-                          chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {})
+                          chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {},
+                          processor=processor)
 
 
 def build_strategy(spec):
@@ -160,7 +161,7 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     task = build_task(cfg.task)
     pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True), root=root)
-    view = build_view(cfg, pair.tokenizer)
+    view = build_view(cfg, pair.tokenizer, pair.processor)
     data = PromptDataModule(task, batch_size=cfg.data.batch_size, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval,
                             seed=cfg.seed, data_seed=cfg.data.seed)
     module = DistillModule(pair.student, pair.teacher, view, router, task, rollout=cfg.rollout, optim=cfg.optim,
@@ -181,7 +182,7 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     trainer.fit(module, datamodule=data, ckpt_path=previous["ckpt"] if previous else None)
     if cfg.get("export_student") and trainer.is_global_zero:  # a later stage loads it: model.student.path=<out>/student
         pair.student.save_pretrained(out / "student")
-        pair.tokenizer.save_pretrained(out / "student")
+        (pair.processor or pair.tokenizer).save_pretrained(out / "student")
         log.info("student exported to %s", out / "student")
     final = getattr(module, "last_eval", {})
     log.info("final evaluation: %s", {k: round(v, 4) for k, v in final.items()})

@@ -59,9 +59,11 @@ def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, 
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        if vocab > view.vocab_size:  # padded output rows are not tokens (see PrivilegedView): never sample them
-            gen_kwargs["suppress_tokens"] = list(range(view.vocab_size, vocab))
-        out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **gen_kwargs)
+        # Padded output rows are not tokens (see PrivilegedView), and a response may not contain image tokens.
+        never = [*getattr(view, "never_sample", []), *range(view.vocab_size, vocab)]
+        if never:
+            gen_kwargs["suppress_tokens"] = never
+        out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **ctx.model_inputs(), **gen_kwargs)
     finally:
         model.train(was_training)
     tokens = out[:, ctx.input_ids.shape[1]:]

@@ -8,7 +8,7 @@ from the attention mask, so left padding does not shift rotary positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -21,6 +21,16 @@ class Contexts:
     input_ids: torch.Tensor  # [B, L] left-padded
     attention_mask: torch.Tensor  # [B, L]
     vocab_size: int | None = None  # the tokenizer's vocabulary: logits beyond it (padded rows) are cut off
+    # Vision prompts: pixel_values, image_grid_thw and mm_token_type_ids ([B, L], 1 at image tokens), which the
+    # model needs for every pass over this context. Empty for text.
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def model_inputs(self, response: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Extra forward/generate inputs; token types are extended over an appended response (text tokens)."""
+        out = dict(self.vision)
+        if response is not None and "mm_token_type_ids" in out:
+            out["mm_token_type_ids"] = torch.cat([out["mm_token_type_ids"], torch.zeros_like(response)], dim=1)
+        return out
 
 
 class PrivilegedView:
@@ -28,6 +38,9 @@ class PrivilegedView:
 
     `plain` and `privileged` are str.format templates over {question} and {hint}. With `chat=True` (real
     instruction-tuned models) the formatted text becomes the user turn of the tokenizer's chat template.
+
+    With a `processor` (vision-language models, dopd.vision) each example's image is part of x: the templates
+    must contain {image}, where the processor's image tokens go, and `contexts` carries the pixels.
 
     `vocab_size` (default: len(tokenizer)) is the vocabulary every model's logits are cut to. Checkpoints often pad
     their output layer past the tokenizer (Qwen3: 151936 rows for 151669 tokens), by different amounts in a
@@ -37,13 +50,24 @@ class PrivilegedView:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, plain: str = "Q:{question}\n",
                  privileged: str = "H:{hint}\nQ:{question}\n", chat: bool = False, chat_kwargs: dict | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, processor=None):
         for name, tpl in (("plain", plain), ("privileged", privileged)):
             if "{question}" not in tpl:
                 raise ValueError(f"view.{name} template {tpl!r} must contain {{question}}")
+            if (processor is not None) != ("{image}" in tpl):
+                raise ValueError(f"view.{name} template {tpl!r}: " + (
+                    "a vision-language model needs {image} in both templates (where the image goes)" if processor
+                    is not None else "{image} needs a vision-language model (model.modality: vision)"))
         if "{hint}" not in privileged:
             raise ValueError(f"view.privileged template {privileged!r} must contain {{hint}}: it is where p goes")
         self.tok, self.plain, self.privileged, self.chat = tokenizer, plain, privileged, chat
+        self.processor = processor
+        self.never_sample: list[int] = []  # ids a response may not contain (the model would read them as an image)
+        if processor is not None:
+            from dopd.vision import image_placeholder, vision_token_ids
+
+            self.image = image_placeholder(processor)
+            self.never_sample = vision_token_ids(tokenizer)
         self.chat_kwargs = dict(chat_kwargs or {})
         self.vocab_size = int(vocab_size or len(tokenizer))
         if tokenizer.pad_token_id is None:
@@ -51,7 +75,8 @@ class PrivilegedView:
 
     # -- text ---------------------------------------------------------------------------------------------------
     def text(self, ex: Example, privileged: bool) -> str:
-        body = (self.privileged if privileged else self.plain).format(question=ex.question, hint=ex.hint)
+        fields = {"image": self.image} if self.processor is not None else {}
+        body = (self.privileged if privileged else self.plain).format(question=ex.question, hint=ex.hint, **fields)
         if not self.chat:
             return body
         return self.tok.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
@@ -60,8 +85,16 @@ class PrivilegedView:
     def contexts(self, examples: list[Example], privileged: bool, device=None) -> Contexts:
         texts = [self.text(ex, privileged) for ex in examples]
         self.tok.padding_side = "left"
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
-        return Contexts(enc["input_ids"].to(device), enc["attention_mask"].to(device), self.vocab_size)
+        if self.processor is None:
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
+            return Contexts(enc["input_ids"].to(device), enc["attention_mask"].to(device), self.vocab_size)
+        missing = [i for i, ex in enumerate(examples) if ex.image is None]
+        if missing:
+            raise ValueError(f"{len(missing)} example(s) have no image (first: {examples[missing[0]].question!r}); a "
+                             "vision-language model needs a vision task (e.g. task=scenes)")
+        enc = self.processor(text=texts, images=[_image(ex.image) for ex in examples], return_tensors="pt", padding=True)
+        vision = {k: enc[k].to(device) for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        return Contexts(enc["input_ids"].to(device), enc["attention_mask"].to(device), self.vocab_size, vision)
 
     def response_ids(self, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise reference responses (SFT) right-padded, each followed by EOS; returns (ids, mask)."""
@@ -76,6 +109,16 @@ class PrivilegedView:
         return ids.to(device), mask.to(device)
 
 
+def _image(image):
+    """A PIL image as given, or opened from its file (JSONL rows name files), as RGB."""
+    if isinstance(image, str):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    return image
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding never shifts them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -86,11 +129,12 @@ def response_logits(model, ctx: Contexts, response: torch.Tensor, response_mask:
 
     Context and response are concatenated; padding after EOS in the response is masked out of attention.
     V is the context's vocab_size when set (padded output rows cut off), else the model's row count.
+    A vision context adds its pixels; the model then derives its 3-D positions from the attention mask itself.
     """
     ids = torch.cat([ctx.input_ids, response], dim=1)
     attn = torch.cat([ctx.attention_mask, response_mask.to(ctx.attention_mask.dtype)], dim=1)
     r = response.shape[1]
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=r + 1,
-                use_cache=False)
+    extra = ctx.model_inputs(response) if ctx.vision else {"position_ids": position_ids(attn)}
+    out = model(input_ids=ids, attention_mask=attn, logits_to_keep=r + 1, use_cache=False, **extra)
     logits = out.logits[:, :-1]
     return logits if ctx.vocab_size is None or ctx.vocab_size >= logits.shape[-1] else logits[..., : ctx.vocab_size]

@@ -1,10 +1,10 @@
 """The SFT stage (`python train.py zoo=reason_m`, or `stage=sft sft.arch...`): build one model of the zoo.
 
-A random-init Qwen3 model of `sft.arch` learns the task from reference solutions (dopd.sft), half of each batch
-with p, so it can read every hint form. The result is cached by config hash under `outputs/zoo/<name>-<hash>/`
-(a rerun of the same config returns at once), logged to MLflow like any run, and optionally copied to
-`sft.publish` (the shipped zoo under `zoo/`). Its `card.json` records the accuracy without p and with p in each
-hint form: the testbed preconditions (i) and (iii) are read off these cards.
+A random-init Qwen3 model (Qwen3-VL with `sft.modality: vision`) of `sft.arch` learns the task from reference
+solutions (dopd.sft), half of each batch with p, so it can read every hint form. The result is cached by config
+hash under `outputs/zoo/<name>-<hash>/` (a rerun of the same config returns at once), logged to MLflow like any
+run, and optionally copied to `sft.publish` (the shipped zoo under `zoo/`). Its `card.json` records the accuracy
+without p and with p in each hint form: the testbed preconditions (i) and (iii) are read off these cards.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dopd.evaluation import accuracy_table
 from dopd.models import tiny_qwen3
 from dopd.sft import SFTConfig, sft
 from dopd.tokenizer import char_tokenizer
+from dopd.vision import ImageTextProcessor, tiny_qwen3_vl
 from dopd.tracking import log_config, make_logger
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ def heldout(task, cfg: DictConfig) -> dict[str, list]:
 def sft_data(task, cfg: DictConfig):
     """Training questions minus the held-out ones, and the first `eval_n` held-out questions per split."""
     held = heldout(task, cfg)
-    banned = {ex.question for exs in held.values() for ex in exs}
-    train = [ex for ex in task.examples(task.splits[0], cfg.sft.n_train, cfg.data.seed) if ex.question not in banned]
+    banned = {ex.key for exs in held.values() for ex in exs}
+    train = [ex for ex in task.examples(task.splits[0], cfg.sft.n_train, cfg.data.seed) if ex.key not in banned]
     return train, {split: exs[: cfg.sft.eval_n] for split, exs in held.items()}
 
 
@@ -74,13 +75,15 @@ def build(cfg: DictConfig, root: Path) -> dict:
         return _publish(out, s, root)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     task = build_task(cfg.task)
-    tok, view_cfg = char_tokenizer(), cfg.task.view
     from dopd.view import PrivilegedView
 
-    view = PrivilegedView(tok, plain=view_cfg.plain, privileged=view_cfg.privileged)
+    vision = s.get("modality", "text") == "vision"
+    processor = ImageTextProcessor() if vision else None
+    tok, view_cfg = processor.tokenizer if vision else char_tokenizer(), cfg.task.view
+    view = PrivilegedView(tok, plain=view_cfg.plain, privileged=view_cfg.privileged, processor=processor)
     train, evals = sft_data(task, cfg)
     arch = OmegaConf.to_container(s.arch, resolve=True)
-    model = tiny_qwen3(len(tok), **arch)
+    model = tiny_qwen3_vl(tok, **arch) if vision else tiny_qwen3(len(tok), **arch)
     n_params = sum(p.numel() for p in model.parameters())
     sft_cfg = SFTConfig(**{k: v for k, v in OmegaConf.to_container(s, resolve=True).items() if k in _SFT_KEYS},
                         seed=int(cfg.seed))
@@ -100,9 +103,9 @@ def build(cfg: DictConfig, root: Path) -> dict:
         for c in (model.config, model.generation_config):
             c.bos_token_id, c.eos_token_id, c.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         model.save_pretrained(out)
-        tok.save_pretrained(out)
+        (processor or tok).save_pretrained(out)
         card = {"name": s.name, "key": cache_key(cfg), "task": OmegaConf.to_container(cfg.task, resolve=True),
-                "arch": {"family": "Qwen3ForCausalLM", **arch, "parameters": n_params},
+                "arch": {"family": type(model).__name__, **arch, "parameters": n_params},
                 "sft": OmegaConf.to_container(s, resolve=True), "seed": cfg.seed, "train_questions": len(train),
                 "eval_n": s.eval_n, "train_wall_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1),
                 "threads": torch.get_num_threads(), "versions": {"torch": torch.__version__},

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
-from dataclasses import asdict, dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,22 @@ class Example:
     answer: str  # the verifiable final answer
     solution: str  # a reference response, used only by the SFT stage that builds the model zoo
     domain: str = "default"
+    image: Any = field(default=None, compare=False, repr=False)  # x's image (PIL image or file path), vision tasks
+
+    @property
+    def key(self) -> str:
+        """What makes two prompts the same x: the question, and for vision tasks the image's pixels."""
+        if self.image is None:
+            return self.question
+        if isinstance(self.image, str):
+            return f"{self.question}\x00{self.image}"
+        return f"{self.question}\x00{hashlib.sha1(self.image.tobytes()).hexdigest()}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not isinstance(self.image, str):
+            out.pop("image")
+        return out
 
 
 class Task(Protocol):

@@ -3,7 +3,8 @@
     {"prompt": "What is 2+3*4?", "privileged": "Multiply first.", "answer": "14", "domain": "math"}
 
 Required: `prompt` (x), `privileged` (p), `answer` (checked with math-verify, see dopd/answers.py). Optional:
-`domain`, `solution` (a reference response, only used by SFT). Every file is read and validated when the task
+`domain`, `solution` (a reference response, only used by SFT), `image` (a file, relative to the JSONL file's
+folder: x's image, for vision-language pairs; `task=jsonl_vision`). Every file is read and validated when the task
 is built, before any model is loaded, so a typo costs seconds, not a model load: the error names file:line,
 the field and the fix.
 """
@@ -22,7 +23,7 @@ from dopd.tasks.base import Example, seeded_subset
 log = logging.getLogger(__name__)
 
 REQUIRED = ("prompt", "privileged", "answer")
-OPTIONAL = ("domain", "solution")
+OPTIONAL = ("domain", "solution", "image")
 
 
 def resolve(path: str, root: str | Path | None) -> Path:
@@ -56,7 +57,7 @@ def read_jsonl(path: Path, split: str, ignore_fields: tuple[str, ...] = ()) -> l
         try:
             for lineno, line in enumerate(f, 1):
                 if line.strip():  # blank lines (a trailing newline, a separator) carry nothing
-                    rows.append(_row(line.rstrip("\r\n"), f"{path}:{lineno}", known))
+                    rows.append(_row(line.rstrip("\r\n"), f"{path}:{lineno}", known, path.parent))
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save the file as UTF-8 JSON lines") from None
     if not rows:
@@ -65,7 +66,7 @@ def read_jsonl(path: Path, split: str, ignore_fields: tuple[str, ...] = ()) -> l
     return rows
 
 
-def _row(line: str, where: str, known: set[str]) -> Example:
+def _row(line: str, where: str, known: set[str], folder: Path) -> Example:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
@@ -92,8 +93,16 @@ def _row(line: str, where: str, known: set[str]) -> Example:
     for key in REQUIRED:
         if not row[key].strip():
             raise ValueError(f'{where}: field "{key}" is empty; give it text, or drop the line')
+    image = None
+    if row.get("image"):  # checked now, opened when a batch is built (dopd.view)
+        image = Path(row["image"]).expanduser()
+        image = image if image.is_absolute() else folder / image
+        if not image.is_file():
+            raise ValueError(f'{where}: field "image" names {image}, which does not exist; paths are relative to the '
+                             "JSONL file's folder")
+        image = str(image)
     return Example(question=row["prompt"], hint=row["privileged"], answer=row["answer"].strip(),
-                   solution=row.get("solution", ""), domain=row.get("domain") or "default")
+                   solution=row.get("solution", ""), domain=row.get("domain") or "default", image=image)
 
 
 @dataclass
