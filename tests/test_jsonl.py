@@ -102,6 +102,35 @@ def test_shipped_config_builds_with_relative_paths_from_anywhere(tmp_path, monke
         assert task.is_correct(ex.solution, ex), ex
 
 
+def test_image_field_names_a_file_next_to_the_jsonl(tmp_path):
+    """Vision rows: `image` is checked when the task is built (file:line if missing) and kept as an absolute path."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "img" / "a.png")
+    task = _task(tmp_path, {**GOOD, "image": "img/a.png"})
+    (ex,) = task.examples("train", 1, 0)
+    assert ex.image == str(tmp_path / "img" / "a.png") and ex.key.endswith("a.png")
+    assert ex.to_dict()["image"] == ex.image
+    with pytest.raises(ValueError, match=r"train.jsonl:1: field \"image\" names .*missing.png, which does not exist"):
+        _task(tmp_path, {**GOOD, "image": "img/missing.png"})
+
+
+def test_shipped_vision_config_builds_and_opens_its_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(["task=jsonl_vision", "model=tiny_random_vl"], tmp_path)
+    task = build_task(cfg.task)
+    rows = task.examples("test", 100, 0)
+    assert len(rows) == 4 and all(Path(ex.image).is_file() for ex in rows)
+    from dopd.models import load_pair
+    from dopd.pipeline import build_view
+    from omegaconf import OmegaConf
+
+    pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True))
+    ctx = build_view(cfg, pair.tokenizer, pair.processor).contexts(rows, privileged=True)
+    assert ctx.vision["image_grid_thw"].shape == (4, 3)
+
+
 @pytest.mark.slow
 def test_train_py_reports_a_broken_file_in_one_line_and_marks_the_run_failed(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", GOOD, {"prompt": "a", "answer": "1"})
