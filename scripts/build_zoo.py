@@ -60,8 +60,8 @@ MODELS = {
 
 def data(task: ArithTask):
     heldout = {sp: task.examples(sp, HELDOUT_N, 0) for sp in ("test", "ood")}
-    banned = {ex.question for exs in heldout.values() for ex in exs}
-    train = [ex for ex in task.examples("train", TRAIN_N, 0) if ex.question not in banned]
+    banned = {ex.key for exs in heldout.values() for ex in exs}
+    train = [ex for ex in task.examples("train", TRAIN_N, 0) if ex.key not in banned]
     return train, {sp: exs[:EVAL_N] for sp, exs in heldout.items()}
 
 

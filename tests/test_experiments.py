@@ -21,7 +21,8 @@ def _sweep(name: str) -> dict[str, list[str]]:
 
 
 def test_every_table_and_figure_has_an_experiment():
-    for name in ("table1", "fig3", "fig4", "table3", "table4", "table6", "table7", "table8", "fig7b", "fig10"):
+    for name in ("table1", "table2", "fig3", "fig4", "table3", "table4", "table5", "table6", "table7", "table8", "fig7b",
+                 "fig10"):
         assert name in EXPERIMENTS
         assert "seed" in _sweep(name) and len(_sweep(name)["seed"]) >= 3, name
 
