@@ -49,6 +49,19 @@ class Task(Protocol):
     def is_correct(self, response: str, example: Example) -> bool: ...
 
 
+def check_domains_and_form(task, domains: tuple[str, ...], hint_forms: tuple[str, ...]) -> None:
+    """Shared by the synthetic tasks: `domains` and `eval_domains` (None: the training domains) are non-empty
+    subsets of `domains`, and `hint_form` is one of `hint_forms`. Normalises both to tuples (Hydra passes lists)."""
+    task.domains = tuple(task.domains)
+    task.eval_domains = tuple(task.eval_domains) if task.eval_domains else task.domains
+    for key in ("domains", "eval_domains"):
+        bad = [d for d in getattr(task, key) if d not in domains]
+        if bad or not getattr(task, key):
+            raise ValueError(f"task.{key}={list(getattr(task, key))} must be a non-empty subset of {list(domains)}")
+    if task.hint_form not in hint_forms:
+        raise ValueError(f"task.hint_form={task.hint_form!r} is not one of {hint_forms}; set task.hint_form=...")
+
+
 def seeded_subset(task_name: str, rows: dict[str, list[Example]], split: str, n: int, seed: int) -> list[Example]:
     """A seeded random subset of a fixed dataset's split: all rows (shuffled) when n exceeds it, never duplicates."""
     if split not in rows:

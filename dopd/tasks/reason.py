@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from dopd.tasks.arith import _execute
-from dopd.tasks.base import Example
+from dopd.tasks.base import Example, check_domains_and_form
 
 DOMAINS = ("arith", "vars", "funcs")
 HINT_FORMS = ("stepwise", "stepwise_exec", "answer", "summary", "none", "mixed")
@@ -71,14 +71,7 @@ class ReasonTask:
     _banned: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        self.domains = tuple(self.domains)
-        self.eval_domains = tuple(self.eval_domains) if self.eval_domains else self.domains
-        for key in ("domains", "eval_domains"):
-            bad = [d for d in getattr(self, key) if d not in DOMAINS]
-            if bad or not getattr(self, key):
-                raise ValueError(f"task.{key}={list(getattr(self, key))} must be a non-empty subset of {list(DOMAINS)}")
-        if self.hint_form not in HINT_FORMS:
-            raise ValueError(f"task.hint_form={self.hint_form!r} is not one of {HINT_FORMS}; set task.hint_form=...")
+        check_domains_and_form(self, DOMAINS, HINT_FORMS)
         if self.n_steps < 1 or self.max_operand < 1:
             raise ValueError(f"task.n_steps and task.max_operand must be >= 1, got {self.n_steps}, {self.max_operand}")
 

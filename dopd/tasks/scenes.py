@@ -43,7 +43,7 @@ from typing import ClassVar
 
 from PIL import Image, ImageDraw
 
-from dopd.tasks.base import Example
+from dopd.tasks.base import Example, check_domains_and_form
 
 DOMAINS = ("colour", "shape", "count")
 HINT_FORMS = ("box_label", "box_caption", "caption", "answer", "none", "mixed")
@@ -183,15 +183,8 @@ class SceneTask:
     hint_forms: ClassVar[tuple[str, ...]] = HINT_FORMS[:5]  # the forms p can take for evaluation
 
     def __post_init__(self):
-        self.domains = tuple(self.domains)
-        self.eval_domains = tuple(self.eval_domains) if self.eval_domains else self.domains
+        check_domains_and_form(self, DOMAINS, HINT_FORMS)
         self.splits = tuple(self.splits)
-        for key in ("domains", "eval_domains"):
-            bad = [d for d in getattr(self, key) if d not in DOMAINS]
-            if bad or not getattr(self, key):
-                raise ValueError(f"task.{key}={list(getattr(self, key))} must be a non-empty subset of {list(DOMAINS)}")
-        if self.hint_form not in HINT_FORMS:
-            raise ValueError(f"task.hint_form={self.hint_form!r} is not one of {HINT_FORMS}; set task.hint_form=...")
         for key in ("n_objects", "ood_n_objects"):
             value = getattr(self, key)
             if not isinstance(value, int) or not 1 <= value <= GRID * GRID:
