@@ -2,6 +2,7 @@
 
     python scripts/preconditions.py                       # zoo/reason/{l,s} cards + MLflow experiment table1
     python scripts/preconditions.py --teacher xl --student s --experiment table3
+    python scripts/preconditions.py --zoo scenes          # the VLM testbed: zoo/scenes/{l,s} + experiment table2
 
 (i)   without p, the teacher beats the student by >= 20 points held-out (zoo cards);
 (ii)  p helps both, and at the start of a DOPD run >= 10% of response tokens are HT (the first logged step of the
@@ -24,8 +25,11 @@ import mlflow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def card(name: str) -> dict:
-    return json.loads((ROOT / "zoo" / "reason" / name / "card.json").read_text())
+DEFAULTS = {"reason": ("stepwise", "table1"), "scenes": ("box_label", "table2")}  # the default p form, experiment
+
+
+def card(name: str, zoo: str = "reason") -> dict:
+    return json.loads((ROOT / "zoo" / zoo / name / "card.json").read_text())
 
 
 def se(p: float, n: int) -> float:
@@ -45,23 +49,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="l")
     ap.add_argument("--student", default="s")
-    ap.add_argument("--experiment", default="table1")
+    ap.add_argument("--zoo", default="reason", choices=sorted(DEFAULTS), help="which testbed's zoo (zoo/<name>/)")
+    ap.add_argument("--form", default=None, help="the default p form (stepwise for reason, box_label for scenes)")
+    ap.add_argument("--experiment", default=None, help="MLflow experiment with vanilla and dopd runs (table1 / table2)")
     ap.add_argument("--tracking-uri", default=f"sqlite:///{ROOT}/outputs/mlflow.db")
     args = ap.parse_args(argv)
-    t, s = card(args.teacher)["accuracy"], card(args.student)["accuracy"]
-    n = card(args.teacher)["eval_n"]
+    form = args.form or DEFAULTS[args.zoo][0]
+    args.experiment = args.experiment or DEFAULTS[args.zoo][1]
+    t, s = card(args.teacher, args.zoo)["accuracy"], card(args.student, args.zoo)["accuracy"]
+    n = card(args.teacher, args.zoo)["eval_n"]
     ok = {}
     gap = t["acc/test"] - s["acc/test"]
     ok["i"] = gap >= 0.20
     print(f"(i)   without p: teacher {100 * t['acc/test']:.1f} vs student {100 * s['acc/test']:.1f} (held-out test): "
           f"gap {100 * gap:+.1f} points -> {'PASS' if ok['i'] else 'FAIL'}")
-    helps = {who: a["acc_priv/stepwise/test"] - a["acc/test"] for who, a in (("teacher", t), ("student", s))}
-    with_p_gap = t["acc_priv/stepwise/test"] - s["acc_priv/stepwise/test"]
+    helps = {who: a[f"acc_priv/{form}/test"] - a["acc/test"] for who, a in (("teacher", t), ("student", s))}
+    with_p_gap = t[f"acc_priv/{form}/test"] - s[f"acc_priv/{form}/test"]
     client, dopd = runs_of(args.tracking_uri, args.experiment, "dopd")
     ht = [h[0].value for r in dopd if (h := sorted(client.get_metric_history(r.info.run_id, "train/regime/HT/frac"),
                                                    key=lambda m: m.step))]
     ok["ii"] = min(helps.values()) > 0 and bool(ht) and statistics.mean(ht) >= 0.10
-    print(f"(ii)  stepwise p helps the teacher by {100 * helps['teacher']:+.1f} and the student by "
+    print(f"(ii)  {form} p helps the teacher by {100 * helps['teacher']:+.1f} and the student by "
           f"{100 * helps['student']:+.1f}; with p the teacher still leads by {100 * with_p_gap:+.1f}; HT share at the "
           f"first step of {len(ht)} dopd runs in '{args.experiment}': "
           + (f"{100 * statistics.mean(ht):.1f}%" if ht else "no runs yet") + f" -> {'PASS' if ok['ii'] else 'FAIL'}")
