@@ -79,3 +79,38 @@ def test_reasoning_zoo_matches_its_card(name, tmp_path):
                                    privileged=True))
     for key in ("acc/test", "acc_priv/stepwise/test"):
         assert measured[key] == pytest.approx(card["accuracy"][key], abs=0.01), key
+
+
+@pytest.mark.parametrize("name", ["s", "l"])  # the VLM pair of Tables 2 and 5
+def test_scenes_zoo_matches_its_card(name, tmp_path):
+    """Re-measure a published VLM zoo model (Qwen3-VL) on its card's held-out test questions, without p and with
+    the default box_label p; the teacher's lead without p is precondition (i)."""
+    import dataclasses
+
+    from transformers import AutoModelForImageTextToText
+
+    from dopd.evaluation import accuracy_table
+    from dopd.pipeline import build_task
+    from dopd.vision import ImageTextProcessor
+    from dopd.zoo import sft_data
+    from tests.conftest import compose_cfg
+
+    torch.set_num_threads(2)
+    folder = dopd.PROJECT_ROOT / "zoo" / "scenes" / name
+    card = json.loads((folder / "card.json").read_text())
+    cfg = compose_cfg([f"zoo=scenes_{name}"], tmp_path)
+    assert OmegaConf.to_container(cfg.task, resolve=True) == card["task"]
+    task = build_task(cfg.task)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    proc = ImageTextProcessor.from_pretrained(folder)
+    view = PrivilegedView(proc.tokenizer, plain=cfg.task.view.plain, privileged=cfg.task.view.privileged, processor=proc)
+    _, evals = sft_data(task, cfg)
+    measured = accuracy_table(model, view, task, {"test": evals["test"]})
+    _, boxes = sft_data(dataclasses.replace(task, hint_form="box_label"), cfg)
+    measured.update(accuracy_table(model, view, task, {"test": boxes["test"]}, prefix="acc_priv/box_label",
+                                   privileged=True))
+    for key in ("acc/test", "acc_priv/box_label/test"):
+        assert measured[key] == pytest.approx(card["accuracy"][key], abs=0.01), key
+    if name == "l":
+        student = json.loads((folder.parent / "s" / "card.json").read_text())
+        assert card["accuracy"]["acc/test"] - student["accuracy"]["acc/test"] >= 0.20
