@@ -93,7 +93,7 @@ class PrivilegedView:
             raise ValueError(f"{len(missing)} example(s) have no image (first: {examples[missing[0]].question!r}); a "
                              "vision-language model needs a vision task (e.g. task=scenes)")
         enc = self.processor(text=texts, images=[_image(ex.image) for ex in examples], return_tensors="pt", padding=True)
-        vision = {k: enc[k].to(device) for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        vision = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         return Contexts(enc["input_ids"].to(device), enc["attention_mask"].to(device), self.vocab_size, vision)
 
     def response_ids(self, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
