@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# pytest-xdist processes for the suite (each test runs single-threaded): make test WORKERS=8 on a bigger machine
+WORKERS ?= 2
 
 .PHONY: install train test test-fast sweep zoo ui clean
 
@@ -24,10 +26,10 @@ train: install  ## the default job; extra Hydra overrides: make train ARGS="rout
 	$(BIN)/python train.py $(ARGS)
 
 test: install  ## the whole suite (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS)
 
 test-fast: install  ## skip the slow end-to-end sweeps
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow"
 
 sweep: install  ## the canonical comparison: vanilla vs DOPD over three seeds, one MLflow parent run
 	$(BIN)/python train.py -m router=vanilla,dopd seed=1,2,3 $(ARGS)
