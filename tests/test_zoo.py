@@ -54,13 +54,9 @@ def test_default_config_uses_the_cards_task(card):
 @pytest.mark.parametrize("name", ["s", "l"])  # the default pair of the experiments
 def test_reasoning_zoo_matches_its_card(name, tmp_path):
     """Re-measure a published zoo model on its card's held-out questions, without p and with the step-wise p."""
-    import dataclasses
-
     from transformers import AutoModelForCausalLM
 
-    from dopd.evaluation import accuracy_table
     from dopd.pipeline import build_task
-    from dopd.zoo import sft_data
     from tests.conftest import compose_cfg
 
     torch.set_num_threads(2)
@@ -71,13 +67,22 @@ def test_reasoning_zoo_matches_its_card(name, tmp_path):
     assert {k: v for k, v in task_cfg.items() if k in card["task"] or v is not None} == card["task"]
     task = build_task(cfg.task)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    view = PrivilegedView(char_tokenizer())
+    _assert_card_accuracy(model, PrivilegedView(char_tokenizer()), task, cfg, card, form="stepwise")
+
+
+def _assert_card_accuracy(model, view, task, cfg, card: dict, form: str) -> None:
+    """The card's held-out test accuracy without p and with p in `form`, re-measured to within one point."""
+    import dataclasses
+
+    from dopd.evaluation import accuracy_table
+    from dopd.zoo import sft_data
+
     _, evals = sft_data(task, cfg)
     measured = accuracy_table(model, view, task, {"test": evals["test"]})
-    _, stepwise = sft_data(dataclasses.replace(task, hint_form="stepwise"), cfg)
-    measured.update(accuracy_table(model, view, task, {"test": stepwise["test"]}, prefix="acc_priv/stepwise",
+    _, hinted = sft_data(dataclasses.replace(task, hint_form=form), cfg)
+    measured.update(accuracy_table(model, view, task, {"test": hinted["test"]}, prefix=f"acc_priv/{form}",
                                    privileged=True))
-    for key in ("acc/test", "acc_priv/stepwise/test"):
+    for key in ("acc/test", f"acc_priv/{form}/test"):
         assert measured[key] == pytest.approx(card["accuracy"][key], abs=0.01), key
 
 
@@ -85,14 +90,10 @@ def test_reasoning_zoo_matches_its_card(name, tmp_path):
 def test_scenes_zoo_matches_its_card(name, tmp_path):
     """Re-measure a published VLM zoo model (Qwen3-VL) on its card's held-out test questions, without p and with
     the default box_label p; the teacher's lead without p is precondition (i)."""
-    import dataclasses
-
     from transformers import AutoModelForImageTextToText
 
-    from dopd.evaluation import accuracy_table
     from dopd.pipeline import build_task
     from dopd.vision import ImageTextProcessor
-    from dopd.zoo import sft_data
     from tests.conftest import compose_cfg
 
     torch.set_num_threads(2)
@@ -104,13 +105,7 @@ def test_scenes_zoo_matches_its_card(name, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(folder)
     proc = ImageTextProcessor.from_pretrained(folder)
     view = PrivilegedView(proc.tokenizer, plain=cfg.task.view.plain, privileged=cfg.task.view.privileged, processor=proc)
-    _, evals = sft_data(task, cfg)
-    measured = accuracy_table(model, view, task, {"test": evals["test"]})
-    _, boxes = sft_data(dataclasses.replace(task, hint_form="box_label"), cfg)
-    measured.update(accuracy_table(model, view, task, {"test": boxes["test"]}, prefix="acc_priv/box_label",
-                                   privileged=True))
-    for key in ("acc/test", "acc_priv/box_label/test"):
-        assert measured[key] == pytest.approx(card["accuracy"][key], abs=0.01), key
+    _assert_card_accuracy(model, view, task, cfg, card, form="box_label")
     if name == "l":
         student = json.loads((folder.parent / "s" / "card.json").read_text())
         assert card["accuracy"]["acc/test"] - student["accuracy"]["acc/test"] >= 0.20
