@@ -9,8 +9,9 @@ its 3-D positions from the attention mask, so left padding does not shift them e
 `ImageTextProcessor` does, for one image per prompt, what `Qwen3VLProcessor` does: resize and patch the image
 (transformers' `Qwen2VLImageProcessorPil`), expand `<|image_pad|>` to one token per merged patch, tokenise, and
 mark image tokens in `mm_token_type_ids`. It exists because `Qwen3VLProcessor` cannot be built without
-torchvision (its video half), which has no CPU wheel matching this project's CPU torch. Real checkpoints load
-their own processor with `AutoProcessor` (install torchvision on a GPU machine); both are called the same way.
+torchvision (its video half), whose PyPI wheel fails to import beside this project's CPU torch. Real
+checkpoints load their own processor with `AutoProcessor` (install torchvision on a GPU machine); both are called
+the same way.
 """
 
 from __future__ import annotations
