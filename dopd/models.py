@@ -86,7 +86,11 @@ def load_tokenizer(spec: dict, root: str | Path | None = None) -> PreTrainedToke
     """`char` builds the in-code tokenizer; anything else is a hub id or local path."""
     if spec.get("tokenizer", "char") == "char":
         return char_tokenizer()
-    tok = AutoTokenizer.from_pretrained(resolve_path(spec["tokenizer"], root))
+    return _for_generation(AutoTokenizer.from_pretrained(resolve_path(spec["tokenizer"], root)))
+
+
+def _for_generation(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding (generation appends after the prompt) and a pad token (its EOS when it has none)."""
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -153,21 +157,17 @@ def load_pair(cfg: dict, root: str | Path | None = None) -> Pair:
     modality = cfg.get("modality", "text")
     if modality not in ("text", "vision"):
         raise ValueError(f"model.modality={modality!r} is not one of ('text', 'vision')")
-    processor = None
-    if modality == "vision":
+    vision, processor = modality == "vision", None
+    if vision:
         from dopd.vision import load_processor
 
         source = str(cfg.get("processor", "char"))
         processor = load_processor(source if source == "char" else resolve_path(source, root))
-        tokenizer = processor.tokenizer
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        check_same_tokenizer({**cfg, "tokenizer": source}, tokenizer, root)
+        tokenizer = _for_generation(processor.tokenizer)
+        cfg = {**cfg, "tokenizer": source}  # the processor's tokenizer is the one the checkpoints must share
     else:
         tokenizer = load_tokenizer(cfg, root)
-        check_same_tokenizer(cfg, tokenizer, root)  # before the (slow) model loads
-    vision = modality == "vision"
+    check_same_tokenizer(cfg, tokenizer, root)  # before the (slow) model loads
     student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
     teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
     check_vocab(student, teacher, tokenizer, cfg.get("name", "pair"))

@@ -60,7 +60,7 @@ def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, 
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         # Padded output rows are not tokens (see PrivilegedView), and a response may not contain image tokens.
-        never = [*getattr(view, "never_sample", []), *range(view.vocab_size, vocab)]
+        never = [*view.never_sample, *range(view.vocab_size, vocab)]
         if never:
             gen_kwargs["suppress_tokens"] = never
         out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **ctx.model_inputs(), **gen_kwargs)
