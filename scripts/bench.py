@@ -122,6 +122,8 @@ class IdView:
 
     def __init__(self, vocab: int):
         self.tok = IdTokenizer(vocab)
+        self.vocab_size = vocab  # what rollout.sample reads off a view: no padded rows ...
+        self.never_sample: list[int] = []  # ... and no ids to suppress
 
     def contexts(self, examples, privileged: bool, device=None) -> Contexts:
         rows = [([int(i) for i in ex.hint.split()] if privileged else []) + [int(i) for i in ex.question.split()]
