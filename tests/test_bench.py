@@ -59,3 +59,16 @@ def test_bench_tiny_run_produces_all_figures(tmp_path):
     assert positive(data["matmul"]["gflop_s_wall"])
     for ablation in pair["ablations"].values():
         assert positive(ablation["before_ms"]) and positive(ablation["after_ms"])
+
+
+def test_id_view_drives_the_real_rollout():
+    """The larger pairs' token-id view must satisfy what rollout.sample reads off a view (it once lacked vocab_size)."""
+    from dopd.models import tiny_qwen3
+    from dopd.rollout import sample
+    from dopd.tasks.base import Example
+
+    bench = _load_bench()
+    view = bench.IdView(64)
+    model = tiny_qwen3(64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    roll = sample(model, view, [Example(question="5 6 7", hint="8 9", answer="-", solution="")], n=2, max_new_tokens=4)
+    assert roll.tokens.shape[0] == 2 and int(roll.tokens.max()) < 64
