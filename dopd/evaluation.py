@@ -16,13 +16,13 @@ from dopd.tasks.base import Example
 
 @torch.no_grad()
 def outcomes(model, view, task, examples: list[Example], *, privileged: bool = False, max_new_tokens: int = 64,
-             batch_size: int = 256, k: int = 1, temperature: float = 1.0) -> tuple[list[bool], list[float]]:
+             batch_size: int = 256, k: int = 1, temperature: float = 1.0, engine: str = "auto") -> tuple[list[bool], list[float]]:
     """Per example: solved (greedy when k == 1; any of k samples when k > 1) and the mean response length."""
     solved, lengths = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         roll = sample(model, view, chunk, privileged=privileged, do_sample=k > 1, max_new_tokens=max_new_tokens,
-                      n=k, temperature=temperature)
+                      n=k, temperature=temperature, engine=engine)
         ok = torch.tensor([task.is_correct(t, ex) for t, ex in zip(roll.texts, roll.examples)]).view(len(chunk), k)
         solved += ok.any(-1).tolist()
         lengths += roll.lengths.float().view(len(chunk), k).mean(-1).tolist()

@@ -1,6 +1,7 @@
 """On-policy rollouts: the current student samples responses from its own context (x alone by default).
 
-Sampling uses `generate` with the KV cache and no gradient. The response mask keeps every token up to and
+Sampling runs without gradient, with a KV cache: through the lean decoder (`dopd/decode.py`) for the models it
+supports, through HF `generate` otherwise. `engine`: auto (lean on CPU, generate on accelerators), lean, or hf. The response mask keeps every token up to and
 including the first EOS (the terminating EOS is supervised, as in TRL's GKD); everything after it is padding.
 """
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dopd import decode
 from dopd.tasks.base import Example
 from dopd.view import Contexts, PrivilegedView
 
@@ -21,6 +23,7 @@ class Rollout:
     tokens: torch.Tensor  # [B, R] response ids, pad after EOS
     mask: torch.Tensor  # [B, R] bool, True up to and including the first EOS
     texts: list[str]  # decoded responses without special tokens
+    n: int = 1  # responses per prompt: rows come in runs of n sharing one context (response_logits' `group`)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -37,7 +40,7 @@ def response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, privileged: bool = False,
            max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           do_sample: bool = True) -> Rollout:
+           do_sample: bool = True, engine: str = "auto") -> Rollout:
     if max_new_tokens <= 0:
         raise ValueError(f"rollout.max_new_tokens must be > 0, got {max_new_tokens}")
     if do_sample and temperature <= 0:
@@ -45,8 +48,15 @@ def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, 
     vocab = model.get_output_embeddings().weight.shape[0]
     if top_k > vocab:
         raise ValueError(f"rollout.top_k={top_k} exceeds the vocabulary ({vocab}); use 0 (off) or a value <= {vocab}")
-    rows = [ex for ex in examples for _ in range(n)]
+    if engine not in ("auto", "lean", "hf"):
+        raise ValueError(f"rollout.engine must be auto, lean or hf, got {engine!r}")
     device = next(model.parameters()).device
+    # auto: lean where it was measured to pay (CPU); on accelerators HF generate stays the default until measured.
+    lean = decode.supports(model) and (engine == "lean" or (engine == "auto" and device.type == "cpu"))
+    if engine == "lean" and not lean:
+        raise ValueError(f"rollout.engine=lean supports Qwen3 text models with full attention, not "
+                         f"{type(model).__name__}; use rollout.engine=auto (falls back to HF generate)")
+    rows = [ex for ex in examples for _ in range(n)]
     ctx = view.contexts(rows, privileged=privileged, device=device)
     tok = view.tok
     eos_ids = _eos_ids(model, tok)
@@ -63,16 +73,22 @@ def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, 
         never = [*view.never_sample, *range(view.vocab_size, vocab)]
         if never:
             gen_kwargs["suppress_tokens"] = never
-        out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **ctx.model_inputs(), **gen_kwargs)
+        if lean:
+            tokens = decode.decode(model, ctx.input_ids, ctx.attention_mask, max_new_tokens=max_new_tokens,
+                                   eos_ids=eos_ids, pad_id=tok.pad_token_id, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, suppress=never)
+        else:
+            out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **ctx.model_inputs(),
+                                 **gen_kwargs)
+            tokens = out[:, ctx.input_ids.shape[1]:]
     finally:
         model.train(was_training)
-    tokens = out[:, ctx.input_ids.shape[1]:]
     if tokens.shape[1] == 0:  # generation stopped at once for every row
         tokens = torch.full((len(rows), 1), eos_ids[0], dtype=torch.long, device=device)
     mask = response_mask(tokens, eos_ids)
     tokens = tokens.masked_fill(~mask, tok.pad_token_id)
     texts = tok.batch_decode(tokens, skip_special_tokens=True)
-    return Rollout(rows, ctx, tokens, mask, texts)
+    return Rollout(rows, ctx, tokens, mask, texts, n)
 
 
 def _eos_ids(model, tok) -> list[int]:

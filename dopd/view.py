@@ -8,6 +8,7 @@ from the attention mask, so left padding does not shift rotary positions.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -124,17 +125,43 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model, ctx: Contexts, response: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def response_logits(model, ctx: Contexts, response: torch.Tensor, response_mask: torch.Tensor,
+                    group: int = 1) -> torch.Tensor:
     """Logits [B, R, V] where [:, n] predicts response[:, n]; only response positions reach the lm_head.
 
     Context and response are concatenated; padding after EOS in the response is masked out of attention.
     V is the context's vocab_size when set (padded output rows cut off), else the model's row count.
     A vision context adds its pixels; the model then derives its 3-D positions from the attention mask itself.
+    `group` > 1 says rows come in runs of `group` identical contexts (a prompt's rollouts, as `rollout.sample` lays
+    them out): each context then runs once and its KV cache is shared by its run (text contexts).
     """
-    ids = torch.cat([ctx.input_ids, response], dim=1)
-    attn = torch.cat([ctx.attention_mask, response_mask.to(ctx.attention_mask.dtype)], dim=1)
-    r = response.shape[1]
-    extra = ctx.model_inputs(response) if ctx.vision else {"position_ids": position_ids(attn)}
-    out = model(input_ids=ids, attention_mask=attn, logits_to_keep=r + 1, use_cache=False, **extra)
-    logits = out.logits[:, :-1]
+    if group > 1 and not ctx.vision and ctx.input_ids.shape[0] % group == 0:
+        logits = _shared_context_logits(model, ctx, response, response_mask, group)
+    else:
+        ids = torch.cat([ctx.input_ids, response], dim=1)
+        attn = torch.cat([ctx.attention_mask, response_mask.to(ctx.attention_mask.dtype)], dim=1)
+        r = response.shape[1]
+        extra = ctx.model_inputs(response) if ctx.vision else {"position_ids": position_ids(attn)}
+        out = model(input_ids=ids, attention_mask=attn, logits_to_keep=r + 1, use_cache=False, **extra)
+        logits = out.logits[:, :-1]
     return logits if ctx.vocab_size is None or ctx.vocab_size >= logits.shape[-1] else logits[..., : ctx.vocab_size]
+
+
+def _shared_context_logits(model, ctx: Contexts, response: torch.Tensor, response_mask: torch.Tensor,
+                           group: int) -> torch.Tensor:
+    """response_logits with one context pass per run of `group` rows: (group - 1) / group of the context's compute
+    saved; same values (the run's rows are identical, left-padded alike), gradients summed through the shared KV."""
+    first_ids, first_mask = ctx.input_ids[::group], ctx.attention_mask[::group]
+    head = model(input_ids=first_ids, attention_mask=first_mask, position_ids=position_ids(first_mask),
+                 use_cache=True, logits_to_keep=1)
+    first = head.logits.repeat_interleave(group, dim=0)  # [B, 1, V]: predicts response[:, 0]
+    if response.shape[1] == 1:
+        return first
+    # transformers 5 names the cache `cache` (argument and output); 4.x `past_key_values`
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(head, cache_kw)
+    cache.batch_repeat_interleave(group)
+    attn = torch.cat([ctx.attention_mask, response_mask.to(ctx.attention_mask.dtype)], dim=1)[:, :-1]
+    tail = model(input_ids=response[:, :-1], attention_mask=attn, use_cache=True, **{cache_kw: cache},
+                 position_ids=position_ids(attn)[:, ctx.input_ids.shape[1]:])
+    return torch.cat([first, tail.logits], dim=1)

@@ -342,15 +342,15 @@ def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=No
     with torch.no_grad(), autocast(device, dtype):
         with clock("teacher_fwd"):
             if "teacher" in need:
-                targets["teacher"] = response_logits(w.teacher, context("plain"), tokens, mask)
+                targets["teacher"] = response_logits(w.teacher, context("plain"), tokens, mask, roll.n)
             if "teacher_priv" in need:
-                targets["teacher_priv"] = response_logits(w.teacher, context("privileged"), tokens, mask)
+                targets["teacher_priv"] = response_logits(w.teacher, context("privileged"), tokens, mask, roll.n)
         with clock("priv_student_fwd"):
             if "student_priv" in need:
                 if spec.student_context == "privileged":
                     targets["student_priv"] = student_logits.detach()
                 else:
-                    targets["student_priv"] = response_logits(student, context("privileged"), tokens, mask)
+                    targets["student_priv"] = response_logits(student, context("privileged"), tokens, mask, roll.n)
     leaf = student_logits.detach().requires_grad_()
     with clock("routing_loss"):
         out = routed_loss(spec, leaf, tokens, mask, generator=generator, **targets)
@@ -453,7 +453,7 @@ def bench_lightning(w: Workload, spec, steps: int, warmup: int, device, dtype) -
             sync(device)
             self.wall.append(time.perf_counter() - self.t[0])
             self.cpu.append(time.process_time() - self.t[1])
-            length = trainer.callback_metrics.get("train/response_len")  # mean response length of the step
+            length = module.step_metrics.get("train/response_len")  # mean response length of the step
             self.tokens.append(float(length) * len(batch) * s.n if length is not None else float("nan"))
 
     s = w.spec
@@ -704,6 +704,7 @@ def matmul_peak(n: int, device, dtype, reps: int) -> dict:
 # -- what the built-in optimisations buy (before/after) --------------------------------------------------------------
 def bench_ablations(w: Workload, device, dtype, clock: str, reps: int) -> dict:
     """Each optimisation already in dopd/, against the same work without it, on one rollout of this pair."""
+    from dopd import decode
     from dopd.rollout import sample
     from dopd.view import position_ids, response_logits
 
@@ -748,6 +749,19 @@ def bench_ablations(w: Workload, device, dtype, clock: str, reps: int) -> dict:
                 student.train()
         return fn
 
+    def lean_decode():  # the same work as generate(True): max_new_tokens sampled tokens per row, EOS suppressed
+        torch.manual_seed(7)
+        with autocast(device, dtype):
+            decode.decode(student, ctx.input_ids, ctx.attention_mask, max_new_tokens=s.max_new_tokens,
+                          eos_ids=[w.tokenizer.eos_token_id], pad_id=w.tokenizer.pad_token_id,
+                          suppress=[w.tokenizer.eos_token_id])
+
+    def teacher_pass(group):
+        def fn():
+            with torch.no_grad(), autocast(device, dtype):
+                response_logits(w.teacher, ctx, tokens, mask, group)
+        return fn
+
     def passes(which):
         def fn():
             with torch.no_grad(), autocast(device, dtype):
@@ -764,6 +778,12 @@ def bench_ablations(w: Workload, device, dtype, clock: str, reps: int) -> dict:
                                      "what": "student forward+backward: logits for every position vs logits_to_keep"},
         "kv_cache_in_rollout": {"before_ms": timed(generate(False)), "after_ms": timed(generate(True)),
                                 "what": f"generate {s.max_new_tokens} tokens x {tokens.shape[0]} rows, no KV cache vs cache"},
+        "lean_decoder": {"before_ms": timed(generate(True)), "after_ms": timed(lean_decode),
+                         "what": f"sample {s.max_new_tokens} tokens x {tokens.shape[0]} rows: HF generate vs "
+                                 "dopd.decode (rollout.engine)"},
+        "shared_context_teacher": {"before_ms": timed(teacher_pass(1)), "after_ms": timed(teacher_pass(s.n)),
+                                   "what": f"teacher pass: one context per row vs one per prompt for its {s.n} "
+                                           "rollouts (response_logits group)"},
         "only_needed_passes_vanilla": {"before_ms": timed(passes({"teacher", "teacher_priv", "student_priv"})),
                                        "after_ms": timed(passes({"teacher"})),
                                        "what": "no-grad reference passes: all three vs vanilla's one (router.passes)"},

@@ -86,3 +86,19 @@ def test_greedy_sampling_is_deterministic():
     a = sample(model, view, exs, do_sample=False, max_new_tokens=8)
     b = sample(model, view, exs, do_sample=False, max_new_tokens=8)
     assert torch.equal(a.tokens, b.tokens)
+
+
+def test_shared_context_pass_equals_one_pass_per_row():
+    """A prompt's n rollouts share one context pass (response_logits' group): same logits, same gradients."""
+    model, view = _model(2).train(), PrivilegedView(TOK)
+    roll = sample(model, view, ArithTask().examples("test", 4, 0), n=3, max_new_tokens=16)
+    assert roll.n == 3
+    for privileged in (False, True):
+        ctx = view.contexts(roll.examples, privileged=privileged)
+        per_row = response_logits(model, ctx, roll.tokens, roll.mask)
+        shared = response_logits(model, ctx, roll.tokens, roll.mask, group=roll.n)
+        torch.testing.assert_close(shared[roll.mask], per_row[roll.mask], atol=1e-5, rtol=1e-5)
+        grads = [torch.autograd.grad(x[roll.mask].logsumexp(-1).sum(), list(model.parameters()))
+                 for x in (per_row, shared)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
