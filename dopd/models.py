@@ -169,6 +169,9 @@ def load_pair(cfg: dict, root: str | Path | None = None) -> Pair:
         tokenizer = load_tokenizer(cfg, root)
     check_same_tokenizer(cfg, tokenizer, root)  # before the (slow) model loads
     student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
+    if cfg["student"].get("gradient_checkpointing", False):
+        # Recompute each decoder layer in the backward instead of storing its activations (long responses on GPUs).
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
     check_vocab(student, teacher, tokenizer, cfg.get("name", "pair"))
     return Pair(student, teacher, tokenizer, cfg.get("name", "pair"), processor)

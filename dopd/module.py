@@ -40,6 +40,7 @@ class DistillModule(L.LightningModule):
         self.prune_generator = torch.Generator()
         self.nonfinite_steps = 0
         self.step_metrics: dict[str, float] = {}  # the last training step's metrics
+        self._evaluated_at = -1  # the optimizer step of the student's latest evaluation
 
     # The frozen teacher stays in eval mode whatever Lightning does with the student.
     def train(self, mode: bool = True):
@@ -167,7 +168,9 @@ class DistillModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         every = self.eval_cfg.get("every", 0)
-        if every and self.global_step % every == 0 and self.global_step < self.trainer.max_steps:
+        step = self.global_step
+        # With trainer.accumulate_grad_batches > 1 several batches end at the same optimizer step: evaluate once.
+        if every and step % every == 0 and step < self.trainer.max_steps and step != self._evaluated_at:
             self.evaluate()
 
     def on_train_end(self):
@@ -182,6 +185,8 @@ class DistillModule(L.LightningModule):
         answers without p. Each rank scores its shard; torchmetrics reduces across ranks.
         """
         model = self.student if model is None else model
+        if model is self.student:
+            self._evaluated_at = self.global_step
         dm = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
         kw = dict(max_new_tokens=self.rollout_cfg["max_new_tokens"], batch_size=self.eval_cfg.get("batch_size", 256),

@@ -53,3 +53,14 @@ def test_sweep_parent_records_what_the_experiment_sweeps():
     assert "task.hint_form=none" in overrides and "router=vanilla,dopd" in overrides
     assert "task.hint_form=answer,stepwise_exec,stepwise,summary,none" not in overrides
     assert sorted(swept_keys(overrides)) == ["router", "seed"]
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.endswith("_gpu")])
+def test_gpu_variants_take_the_papers_step(name):
+    """The paper's optimizer step (§5): 128 prompts (VLM: 64) x 4 rollouts, lr 5e-6, 200 steps (VLM: 300), reached
+    as micro-batches (trainer.accumulate_grad_batches) so one batch's 150k-vocabulary logits fit on a GPU."""
+    cfg = compose_cfg([f"experiment={name}"])
+    vision = cfg.model.get("modality") == "vision"
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == (64 if vision else 128)
+    assert cfg.trainer.accumulate_grad_batches > 1 and cfg.rollout.n == 4 and cfg.optim.lr == 5e-6
+    assert cfg.trainer.max_steps == (300 if vision else 200)

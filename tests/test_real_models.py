@@ -213,3 +213,24 @@ def test_a_pair_with_different_tokenizers_is_rejected_naming_both(tmp_path, monk
     with pytest.raises(ValueError, match="different tokenizers") as err:
         load_pair(OmegaConf.to_container(cfg.model, resolve=True))
     assert f"model.teacher ({teacher}" in str(err.value) and f"model.tokenizer ({student}" in str(err.value)
+
+
+def test_student_gradient_checkpointing_changes_no_gradient(tmp_path):
+    """model.student.gradient_checkpointing (on in the GPU configs) recomputes activations; the gradient is the same."""
+    from dopd.view import PrivilegedView, response_logits
+
+    grads = []
+    for on in (False, True):
+        cfg = compose_cfg(["model=tiny_random", f"+model.student.gradient_checkpointing={str(on).lower()}"], tmp_path)
+        pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True))
+        student = pair.student.train()
+        assert student.is_gradient_checkpointing == on and not pair.teacher.is_gradient_checkpointing
+        view = PrivilegedView(pair.tokenizer)
+        exs = build_task(compose_cfg(["task=arith"], tmp_path).task).examples("test", 3, 0)
+        torch.manual_seed(0)
+        roll = sample(student, view, exs, n=2, max_new_tokens=8)
+        logits = response_logits(student, view.contexts(roll.examples, False), roll.tokens, roll.mask)
+        logits[roll.mask].logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in student.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -85,3 +85,15 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path):
                           for k in ("train/loss", "train/entropy", "eval/acc/avg", "train/regime/HT/frac")})
     assert histories[0] == histories[1]
     assert len(histories[0]["train/loss"]) == 3
+
+
+def test_gradient_accumulation_evaluates_once_per_optimizer_step(tmp_path, tracking_uri):
+    """Micro-batches (trainer.accumulate_grad_batches, how the GPU configs fit 150k-vocabulary logits) end several
+    batches at one optimizer step; evaluation and the step count follow optimizer steps, not batches."""
+    cfg = compose_cfg([*FAST, "router=dopd", "trainer.accumulate_grad_batches=2", f"logger.tracking_uri={tracking_uri}"],
+                      tmp_path)
+    run(cfg)
+    client, (r,) = _runs(tracking_uri)
+    steps = [m.step for m in client.get_metric_history(r.info.run_id, "eval/acc/test")]
+    assert steps == [0, 1, 2]
+    assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 4  # 2 optimizer steps x 2 micro-batches
