@@ -10,12 +10,7 @@ import torch
 @torch.no_grad()
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Mean entropy (nats) of softmax(logits) over masked-in positions, in fp32 chunks of rows."""
-    from dopd.routing import token_entropy
-
-    mask = mask.bool()
-    if not mask.any():
-        return torch.tensor(0.0, device=logits.device)
-    return token_entropy(logits, chunk_size)[mask].mean()
+    return step_diagnostics(logits, {}, mask, top_k=1, chunk_size=chunk_size)[0]
 
 
 @torch.no_grad()
@@ -26,24 +21,44 @@ def distillation_diagnostics(student_logits: torch.Tensor, targets: dict[str, to
     `<target>/entropy_ratio` is the target's mean entropy over log V: near 1 the teacher is near-uniform (broken or
     unloaded weights; JS then starts near ln 2 and drags the student toward uniform), flagged by `near_uniform`.
     """
+    return step_diagnostics(student_logits, targets, mask, top_k, chunk_size)[1]
+
+
+@torch.no_grad()
+def step_diagnostics(student_logits: torch.Tensor, targets: dict[str, torch.Tensor], mask: torch.Tensor, top_k: int,
+                     chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, float]]:
+    """The student's mean entropy and `distillation_diagnostics`, in one pass over the masked rows.
+
+    Each chunk's student log-softmax and top-K indices are computed once for every target, and the sums stay on
+    the device until one host copy at the end (one sync per step on a GPU, not one per chunk and target).
+    """
     sel = mask.bool()
-    s = student_logits[sel]
-    out: dict[str, float] = {}
-    if s.shape[0] == 0:
-        return out
-    vocab = s.shape[-1]
+    s = student_logits.detach()[sel]
+    n, vocab = s.shape[0], s.shape[-1]
+    if n == 0:
+        return torch.tensor(0.0, device=student_logits.device), {}
     k = min(top_k, vocab)
-    for name, logits in targets.items():
-        t = logits[sel]
-        s_mass = t_mass = ent = 0.0
-        for sp, tp in zip(s.split(chunk_size), t.split(chunk_size)):
-            log_s, log_t = torch.log_softmax(sp.float(), -1), torch.log_softmax(tp.float(), -1)
-            idx = log_s.topk(k, dim=-1).indices
-            s_mass += float(log_s.gather(-1, idx).exp().sum())
-            t_mass += float(log_t.gather(-1, idx).exp().sum())
-            ent += float(-(log_t.exp() * log_t).sum())
-        n = s.shape[0]
-        ratio = ent / n / math.log(vocab) if vocab > 1 else 0.0
-        out.update({f"diag/{name}/student_topk_mass": s_mass / n, f"diag/{name}/target_topk_mass": t_mass / n,
+    rows = {name: t.detach()[sel] for name, t in targets.items()}
+    sums = torch.zeros(1 + 3 * len(rows), dtype=torch.float32, device=s.device)  # entropy, then 3 per target
+    for start in range(0, n, chunk_size):
+        log_s = torch.log_softmax(s[start : start + chunk_size].float(), -1)
+        p_s = log_s.exp()
+        sums[0] += -(p_s * log_s).sum()
+        if not rows:
+            continue
+        idx = log_s.topk(k, dim=-1).indices
+        s_mass = p_s.gather(-1, idx).sum()
+        for i, t in enumerate(rows.values()):
+            log_t = torch.log_softmax(t[start : start + chunk_size].float(), -1)
+            sums[1 + 3 * i] += s_mass
+            sums[2 + 3 * i] += log_t.gather(-1, idx).exp().sum()
+            sums[3 + 3 * i] += -(log_t.exp() * log_t).sum()
+    entropy = sums[0] / n
+    values = (sums[1:] / n).tolist()
+    out: dict[str, float] = {}
+    for i, name in enumerate(rows):
+        s_mass, t_mass, ent = values[3 * i : 3 * i + 3]
+        ratio = ent / math.log(vocab) if vocab > 1 else 0.0
+        out.update({f"diag/{name}/student_topk_mass": s_mass, f"diag/{name}/target_topk_mass": t_mass,
                     f"diag/{name}/entropy_ratio": ratio, f"diag/{name}/near_uniform": float(ratio > 0.95)})
-    return out
+    return entropy, out

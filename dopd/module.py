@@ -21,7 +21,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from dopd.evaluation import domain_rows, outcomes
-from dopd.metrics import distillation_diagnostics, masked_entropy
+from dopd.metrics import step_diagnostics
 from dopd.rollout import Rollout, sample
 from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss, sampled_logprob
 from dopd.view import PrivilegedView, response_logits
@@ -90,8 +90,7 @@ class DistillModule(L.LightningModule):
         if not torch.isfinite(out.loss):
             return self._skip_nonfinite(out.loss)
         with torch.no_grad():
-            entropy = masked_entropy(student_logits.detach(), roll.mask)
-            diag = distillation_diagnostics(student_logits.detach(), targets, roll.mask, self.diag_top_k)
+            entropy, diag = step_diagnostics(student_logits, targets, roll.mask, self.diag_top_k)
         self._warn_if_uniform(diag)
         n = len(roll.examples)
         metrics = {"train/loss": out.loss.detach(), "train/entropy": entropy,

@@ -172,8 +172,10 @@ def sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
                     chunk_size: int = 1024) -> torch.Tensor:
     """log softmax(logits / temperature)[tokens], fp32, in row chunks (never a [B, T, V] fp32 copy)."""
     flat, ids = logits.detach().flatten(0, -2), tokens.flatten()
-    out = [torch.log_softmax(part.float() / temperature, -1).gather(-1, y[:, None]).squeeze(-1)
-           for part, y in zip(flat.split(chunk_size), ids.split(chunk_size))]
+    out = []
+    for part, y in zip(flat.split(chunk_size), ids.split(chunk_size)):
+        z = part.float() / temperature  # the picked logit minus logsumexp: no [chunk, V] log-softmax
+        out.append(z.gather(-1, y[:, None]).squeeze(-1) - z.logsumexp(-1))
     return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)).view(tokens.shape)
 
 
