@@ -596,10 +596,15 @@ def loss_worker(cfg: dict) -> dict:
             values.sum().backward()
         peak, delta = mem.read()
         probe = sorted({0, n // 2, n - 1})
+        # The probed rows' gradient in fp64 (after the measurement): each variant's fp32 error is judged against it,
+        # since two fp32 computations in different orders differ by their own rounding.
+        ref = s.detach()[probe].double().requires_grad_()
+        _full_chunk(ref, t[probe].double(), "js", 0.5, 1.0).sum().backward()
+        err = (s.grad[probe].double() - ref.grad).abs().amax(-1) / ref.grad.abs().amax(-1)
         results.append({"rows": n, "peak_mib": peak, "peak_delta_mib": delta, "wall_s": sum(clock.wall.values()),
                         "cpu_s": sum(clock.cpu.values()), "fwd_wall_s": clock.wall["fwd"], "bwd_wall_s": clock.wall["bwd"],
                         "values": values.detach().cpu().tolist(), "grad_rows": s.grad[probe].cpu().tolist(),
-                        "probe": probe})
+                        "probe": probe, "grad_rel_err_fp64": float(err.max())})
         del s, t, values
     return {"variant": cfg["variant"], "results": results}
 
@@ -647,12 +652,14 @@ def bench_loss(vocab: int, rows: int, chunk_size: int, device, threads: int, sma
     c_at = {r["rows"]: r for r in chunked}
     common = max(set(n_at) & set(c_at))
     a, b = n_at[common], c_at[common]
+    # Equal results: the same values, and both gradients as close to fp64 as fp32 allows (max error per probed row
+    # under 1e-3 of the row's largest entry; both measure ~2-3e-4 at V=151936, the chunked one slightly lower).
     equal = True
     try:
         torch.testing.assert_close(torch.tensor(b["values"]), torch.tensor(a["values"]), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(b["grad_rows"]), torch.tensor(a["grad_rows"]), rtol=1e-5, atol=1e-9)
     except AssertionError:
         equal = False
+    equal = equal and max(a["grad_rel_err_fp64"], b["grad_rel_err_fp64"]) < 1e-3
     max_diff = max(abs(x - y) for x, y in zip(a["values"], b["values"]))
     if naive_full:
         naive_peak, naive_note = n_at[rows]["peak_delta_mib"], "measured"
@@ -667,6 +674,7 @@ def bench_loss(vocab: int, rows: int, chunk_size: int, device, threads: int, sma
     out = {
         "vocab": vocab, "rows": rows, "chunk_size": chunk_size, "equal_results": equal,
         "max_abs_value_diff": max_diff, "compared_at_rows": common,
+        "grad_rel_err_fp64": {"naive": a["grad_rel_err_fp64"], "chunked": b["grad_rel_err_fp64"]},
         "naive_peak_delta_mib": naive_peak, "naive_peak_note": naive_note,
         "chunked_peak_delta_mib": c_at[rows]["peak_delta_mib"],
         "time_compared_at_rows": common,
@@ -1062,7 +1070,9 @@ def print_report(result: dict) -> None:
         con.print(f"full-vocabulary JS, V={loss['vocab']}, {loss['rows']} tokens, chunk {loss['chunk_size']}: "
                   f"peak +{loss['chunked_peak_delta_mib']:.0f} MiB chunked vs +{loss['naive_peak_delta_mib']:.0f} MiB "
                   f"naive ({loss['naive_peak_note']}); time at {loss['time_compared_at_rows']} rows "
-                  f"{loss['chunked_s_cpu']:.1f}s vs {loss['naive_s_cpu']:.1f}s cpu; equal results: {loss['equal_results']}")
+                  f"{loss['chunked_s_cpu']:.1f}s vs {loss['naive_s_cpu']:.1f}s cpu; equal results: {loss['equal_results']} "
+                  f"(gradient error vs fp64, per row max / row max: chunked {loss['grad_rel_err_fp64']['chunked']:.1e}, "
+                  f"naive {loss['grad_rel_err_fp64']['naive']:.1e})")
         if "note" in loss:
             con.print(f"  note: {loss['note']}")
     t = Table(title="targets (issue 6)")
