@@ -155,11 +155,15 @@ def sweep_overrides(overrides: str) -> dict[str, list[str]]:
 
 def run_value(run: RunData, key: str) -> str:
     """A row key's value for a run: the param (`task.hint_form` -> `task/hint_form`), a tag (config groups such as
-    `router` are tagged), or the group's `name` param (`model` -> `model/name`)."""
+    `router` and `ablation` are tagged), the group's `name` param (`model` -> `model/name`), or, for runs logged
+    before groups were tagged, the `key=value` the run's name carries for each swept key (`vanilla-seed1-ablation=x`)."""
     pkey = key.replace(".", "/")
     for source, k in ((run.params, pkey), (run.tags, key), (run.params, pkey + "/name")):
         if k in source:
             return source[k]
+    for part in run.name.split("-", 2)[-1].split(","):
+        if part.startswith(key + "="):
+            return part[len(key) + 1:]
     return "<missing>"
 
 

@@ -139,6 +139,9 @@ def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
     uri = check_tracking_uri(str(lc.tracking_uri))
     tags = {"router": cfg.router.name, "seed": str(cfg.seed), "task": cfg.task.name, "pair": cfg.model.name,
             "git_commit": git_commit(root), "stage": str(cfg.get("stage", "distill"))}
+    if HydraConfig.initialized():  # the chosen ablation / experiment files, which the config itself does not name
+        choices = HydraConfig.get().runtime.choices
+        tags.update({g: str(choices[g]) for g in ("ablation", "experiment") if choices.get(g) not in (None, "null")})
     tags.update({str(k): str(v) for k, v in (lc.get("tags") or {}).items()})
     parent = parent_run_id()
     if parent:

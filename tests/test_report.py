@@ -13,8 +13,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 
 from dopd import PROJECT_ROOT
-from dopd.report import (ReportError, RunData, band, build_table, group_runs, main, moving_average, report, summarize,
-                         sweep_overrides, t975)
+from dopd.report import (ReportError, RunData, band, build_table, group_runs, main, moving_average, report, run_value,
+                         summarize, sweep_overrides, t975)
 from tests.conftest import FAST
 
 T2 = 4.302652729911275    # t_{0.975, df=2}
@@ -251,3 +251,25 @@ def test_report_on_a_real_sweep(tmp_path):
     assert {p.name for p in rep.files} >= {"report.md", "curve_eval_acc_avg.png", "curve_train_entropy.png"}
     client = mlflow.MlflowClient(uri)
     assert len(client.list_artifacts(rep.parent_id, "report")) == len(rep.files)
+
+
+@pytest.mark.slow
+def test_an_ablation_sweep_gets_one_row_per_ablation(tmp_path):
+    """`ablation` is a config group the resolved config does not name: runs are tagged with the chosen file, and the
+    report groups by it (Fig. 4, Tables 6 and 8 are ablation sweeps)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "train.py", "-m", "ablation=fig4_none,fig4_high_gap", "seed=1", *FAST,
+           "eval.routing_samples=0", "logger.experiment=ablation_test", f"paths.output_dir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ablation_test").experiment_id])
+    assert sorted(r.data.tags.get("ablation") for r in runs if "mlflow.parentRunId" in r.data.tags) == \
+        ["fig4_high_gap", "fig4_none"]
+    rep = report("ablation_test", uri, out=tmp_path / "rep")
+    assert [r.label for r in rep.tables[0].rows if r.kind == "method"] == ["fig4_none", "fig4_high_gap"]
+
+
+def test_runs_logged_before_groups_were_tagged_are_grouped_by_their_names():
+    run = RunData("vanilla-seed2-ablation=fig4_random", "x", {"router": "vanilla"}, {}, {})
+    assert run_value(run, "ablation") == "fig4_random" and run_value(run, "task.hint_form") == "<missing>"
