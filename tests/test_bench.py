@@ -72,3 +72,15 @@ def test_id_view_drives_the_real_rollout():
     model = tiny_qwen3(64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     roll = sample(model, view, [Example(question="5 6 7", hint="8 9", answer="-", solution="")], n=2, max_new_tokens=4)
     assert roll.tokens.shape[0] == 2 and int(roll.tokens.max()) < 64
+
+
+def test_flops_probe_measures_the_students_forward_backward():
+    """--quick reads the FLOP-ratio target off the 30M student alone; here on a small id pair."""
+    bench = _load_bench()
+    spec = bench.PairSpec("probe", bench._arch(32, 1, 2, 1), bench._arch(32, 1, 2, 1), vocab=256, prompts=2, n=2,
+                          max_new_tokens=4, context=(4, 6))
+    probe = bench.bench_train_flops(spec, "cpu", None, reps=1)
+    assert probe["rows"] == 4 and probe["seq_len"] == 5 + 4
+    assert math.isclose(probe["gflop"] * 1e9, 3 * (2 * 4 * 9 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 128 * 3)
+                                                   + 4 * 2 * 16 * 9 * 9 * 4 + 2 * 256 * 32 * 4 * 5), rel_tol=1e-9)
+    assert probe["best_s"] > 0 and math.isfinite(probe["gflop_s"]) and probe["gflop_s"] > 0
