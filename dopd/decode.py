@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
+from dopd.view import position_ids
+
 
 def supports(model) -> bool:
     """True for a Qwen3 causal LM with full attention and no biases (the zoo, the tests and the paper's Qwen3s)."""
@@ -41,7 +43,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
              for _ in core.layers]
     valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
     valid[:, :prompt_len] = attention_mask.bool()
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    positions = position_ids(attention_mask)
     # Prompt: causal over real tokens; a pad query also sees itself, so no softmax row is empty (NaN-free cache).
     causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
     diag = torch.eye(prompt_len, dtype=torch.bool, device=device)

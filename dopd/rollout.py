@@ -1,8 +1,9 @@
 """On-policy rollouts: the current student samples responses from its own context (x alone by default).
 
 Sampling runs without gradient, with a KV cache: through the lean decoder (`dopd/decode.py`) for the models it
-supports, through HF `generate` otherwise. `engine`: auto (lean on CPU, generate on accelerators), lean, or hf. The response mask keeps every token up to and
-including the first EOS (the terminating EOS is supervised, as in TRL's GKD); everything after it is padding.
+supports, through HF `generate` otherwise. `engine`: auto (lean on CPU, generate on accelerators), lean, or hf.
+The response mask keeps every token up to and including the first EOS (the terminating EOS is supervised, as in
+TRL's GKD); everything after it is padding.
 """
 
 from __future__ import annotations
@@ -63,21 +64,21 @@ def sample(model, view: PrivilegedView, examples: list[Example], *, n: int = 1, 
     was_training = model.training
     model.eval()
     try:
-        gen_kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                          eos_token_id=eos_ids, use_cache=True)
-        if do_sample:
-            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         # Padded output rows are not tokens (see PrivilegedView), and a response may not contain image tokens.
         never = [*view.never_sample, *range(view.vocab_size, vocab)]
-        if never:
-            gen_kwargs["suppress_tokens"] = never
         if lean:
             tokens = decode.decode(model, ctx.input_ids, ctx.attention_mask, max_new_tokens=max_new_tokens,
                                    eos_ids=eos_ids, pad_id=tok.pad_token_id, do_sample=do_sample,
                                    temperature=temperature, top_k=top_k, top_p=top_p, suppress=never)
         else:
+            gen_kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                              eos_token_id=eos_ids, use_cache=True)
+            if do_sample:
+                gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+            else:
+                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            if never:
+                gen_kwargs["suppress_tokens"] = never
             out = model.generate(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, **ctx.model_inputs(),
                                  **gen_kwargs)
             tokens = out[:, ctx.input_ids.shape[1]:]
