@@ -9,6 +9,7 @@ One training step, top to bottom (`training_step`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from pathlib import Path
@@ -26,6 +27,41 @@ from dopd.rollout import Rollout, sample
 from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss, sampled_logprob
 from dopd.view import PrivilegedView, response_logits
 from dopd.visualize import regime_html, regime_png, rows_from_batch, token_strings
+
+
+def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, roll: Rollout, device=None,
+                   section=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student logits (with grad) and the no-grad target logits the router asks for, all aligned to `roll.tokens`.
+
+    Each context (x, or x with p) is built once and shared by the passes that read it. `section(name)`, a context
+    manager entered around the "student", "teacher" and "student_priv" passes, is how `scripts/bench.py` times
+    this very code; none by default.
+    """
+    section = section or (lambda name: contextlib.nullcontext())
+    tokens, mask, need = roll.tokens, roll.mask, router.passes
+    ctx = {("privileged" if router.student_context == "privileged" else "plain"): roll.context}
+
+    def context(name):
+        if name not in ctx:
+            ctx[name] = view.contexts(roll.examples, privileged=name == "privileged", device=device)
+        return ctx[name]
+
+    with section("student"):
+        student_logits = response_logits(student, context(router.student_context), tokens, mask)
+    targets = {}
+    with torch.no_grad():
+        with section("teacher"):
+            if "teacher" in need:
+                targets["teacher"] = response_logits(teacher, context("plain"), tokens, mask, roll.n)
+            if "teacher_priv" in need:
+                targets["teacher_priv"] = response_logits(teacher, context("privileged"), tokens, mask, roll.n)
+        with section("student_priv"):
+            if "student_priv" in need:
+                if router.student_context == "privileged":
+                    targets["student_priv"] = student_logits.detach()
+                else:
+                    targets["student_priv"] = response_logits(student, context("privileged"), tokens, mask, roll.n)
+    return student_logits, targets
 
 
 class DistillModule(L.LightningModule):
@@ -59,29 +95,7 @@ class DistillModule(L.LightningModule):
                       top_k=r.get("top_k", 0), engine=r.get("engine", "auto"))
 
     def forward_passes(self, roll: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Student logits (with grad) and the no-grad target logits the router asks for, all aligned."""
-        tokens, mask, dev = roll.tokens, roll.mask, self.device
-        need = self.router.passes
-        ctx = {("privileged" if self.router.student_context == "privileged" else "plain"): roll.context}
-
-        def context(name):
-            if name not in ctx:
-                ctx[name] = self.view.contexts(roll.examples, privileged=name == "privileged", device=dev)
-            return ctx[name]
-
-        student_logits = response_logits(self.student, context(self.router.student_context), tokens, mask)
-        targets = {}
-        with torch.no_grad():
-            if "teacher" in need:
-                targets["teacher"] = response_logits(self.teacher, context("plain"), tokens, mask, roll.n)
-            if "teacher_priv" in need:
-                targets["teacher_priv"] = response_logits(self.teacher, context("privileged"), tokens, mask, roll.n)
-            if "student_priv" in need:
-                if self.router.student_context == "privileged":
-                    targets["student_priv"] = student_logits.detach()
-                else:
-                    targets["student_priv"] = response_logits(self.student, context("privileged"), tokens, mask, roll.n)
-        return student_logits, targets
+        return forward_passes(self.student, self.teacher, self.view, self.router, roll, self.device)
 
     def training_step(self, batch, batch_idx):
         roll = self.rollouts(batch)

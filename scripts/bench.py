@@ -337,16 +337,17 @@ SECTIONS = ("rollout", "teacher_fwd", "priv_student_fwd", "student_fwd_bwd", "ro
 
 def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=None, memory: bool = False,
                step: int = 0) -> dict:
-    """One DistillModule-equivalent training step with a timer around each piece.
+    """One training step of DistillModule's pieces (its rollout, `forward_passes`, `routed_loss`, AdamW with
+    clipping) with a timer around each; what Lightning adds around them is timed in `bench_lightning`.
 
     The backward is split in two with the same result as one `loss.backward()`: the loss is differentiated into a
     detached copy of the student logits (counted in routing_loss), then that gradient is pushed through the student
     (counted in student_fwd_bwd). With `memory`, the step's peak memory is measured too: on CPU that trims the
     heap first (so the next allocations page-fault), which is why timed steps never measure memory.
     """
+    from dopd.module import forward_passes
     from dopd.rollout import sample
     from dopd.routing import routed_loss
-    from dopd.view import response_logits
 
     clock, mem, s = Clock(device), PeakMemory(device), w.spec
     if memory:
@@ -355,29 +356,10 @@ def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=No
         roll = sample(student, w.view, w.batch(step), n=s.n, privileged=spec.student_context == "privileged",
                       max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0)
     tokens, mask = roll.tokens, roll.mask
-    ctx = {("privileged" if spec.student_context == "privileged" else "plain"): roll.context}
-
-    def context(name):
-        if name not in ctx:
-            ctx[name] = w.view.contexts(roll.examples, privileged=name == "privileged", device=device)
-        return ctx[name]
-
-    need = spec.passes
-    with clock("student_fwd_bwd"), autocast(device, dtype):
-        student_logits = response_logits(student, context(spec.student_context), tokens, mask)
-    targets = {}
-    with torch.no_grad(), autocast(device, dtype):
-        with clock("teacher_fwd"):
-            if "teacher" in need:
-                targets["teacher"] = response_logits(w.teacher, context("plain"), tokens, mask, roll.n)
-            if "teacher_priv" in need:
-                targets["teacher_priv"] = response_logits(w.teacher, context("privileged"), tokens, mask, roll.n)
-        with clock("priv_student_fwd"):
-            if "student_priv" in need:
-                if spec.student_context == "privileged":
-                    targets["student_priv"] = student_logits.detach()
-                else:
-                    targets["student_priv"] = response_logits(student, context("privileged"), tokens, mask, roll.n)
+    sections = {"student": "student_fwd_bwd", "teacher": "teacher_fwd", "student_priv": "priv_student_fwd"}
+    with autocast(device, dtype):  # the module's own passes, each inside its timer
+        student_logits, targets = forward_passes(student, w.teacher, w.view, spec, roll, device,
+                                                 section=lambda name: clock(sections[name]))
     leaf = student_logits.detach().requires_grad_()
     with clock("routing_loss"):
         out = routed_loss(spec, leaf, tokens, mask, generator=generator, **targets)
@@ -389,8 +371,7 @@ def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=No
         opt.step()
         opt.zero_grad(set_to_none=True)
     peak, delta = mem.read() if memory else (float("nan"), float("nan"))
-    seq = roll.context.input_ids.shape[1] + tokens.shape[1] if spec.student_context == "plain" else \
-        ctx["privileged"].input_ids.shape[1] + tokens.shape[1]
+    seq = roll.context.input_ids.shape[1] + tokens.shape[1]  # the student's context: x, or x with p
     return {"wall": dict(clock.wall), "cpu": dict(clock.cpu), "generated": int(mask.sum()), "trained": int(mask.sum()),
             "rows": int(tokens.shape[0]), "response_width": int(tokens.shape[1]), "seq_len": int(seq),
             "student_flops": train_flops(student, tokens.shape[0], seq, tokens.shape[1] + 1),
