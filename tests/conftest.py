@@ -44,3 +44,22 @@ def free_port() -> int:
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def one_distillation_step(module, examples):
+    """One update by hand through the module's own pieces: rollouts, the aligned passes, the routed loss and its
+    backward. Checks a finite loss, every target aligned with the student's logits, and gradients in the student
+    only (the frozen teacher gets none); returns (rollout, targets, routed output) for further checks."""
+    from dopd.routing import routed_loss
+
+    module.student.zero_grad(set_to_none=True)
+    roll = module.rollouts(examples)
+    student_logits, targets = module.forward_passes(roll)
+    assert set(targets) == module.router.passes
+    assert all(t.shape == student_logits.shape for t in targets.values())
+    out = routed_loss(module.router, student_logits, roll.tokens, roll.mask, **targets)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
+    assert all(p.grad is None for p in module.teacher.parameters())
+    return roll, targets, out

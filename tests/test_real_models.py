@@ -26,7 +26,7 @@ from dopd.pipeline import build_router, build_task, build_view, run
 from dopd.routing import routed_loss
 from dopd.rollout import sample
 from dopd.tokenizer import DEFAULT_ALPHABET
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST, compose_cfg, one_distillation_step
 from tests.test_configs import options
 
 QWEN3 = [o for o in options("model") if o.startswith("qwen3_") and not o.startswith("qwen3_vl")]  # VL: test_vision.py
@@ -110,16 +110,10 @@ def test_qwen3_config_loads_bf16_chat_pair_and_takes_a_step(name, checkpoints, t
     module = DistillModule(pair.student, pair.teacher, view, build_router(cfg.router), task, rollout=cfg.rollout,
                            optim=cfg.optim, eval=cfg.eval)
     module.rollout_cfg.update(n=2, max_new_tokens=6)
-    roll = module.rollouts(task.examples("train", 2, 0))
+    roll, targets, _ = one_distillation_step(module, task.examples("train", 2, 0))
     assert int(roll.tokens.max()) < len(TOK)
-    student_logits, targets = module.forward_passes(roll)
     assert set(targets) == {"teacher_priv", "student_priv"}
-    assert student_logits.shape[-1] == len(TOK) and all(t.shape == student_logits.shape for t in targets.values())
-    out = routed_loss(module.router, student_logits, roll.tokens, roll.mask, **targets)
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
-    assert any(p.grad is not None for p in pair.student.parameters())
-    assert all(p.grad is None for p in pair.teacher.parameters())
+    assert targets["teacher_priv"].shape[-1] == len(TOK)
 
 
 @pytest.mark.slow

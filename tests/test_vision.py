@@ -23,7 +23,7 @@ from dopd.rollout import sample
 from dopd.tasks.base import Example
 from dopd.view import PrivilegedView, response_logits
 from dopd.vision import IMAGE_PAD, ImageTextProcessor, tiny_qwen3_vl, vision_token_ids
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST, compose_cfg, one_distillation_step
 from tests.test_configs import options
 
 VISION = ["model=tiny_random_vl", "task=scenes"]
@@ -114,17 +114,7 @@ def test_every_router_takes_a_vlm_step(router, pair, tmp_path):
     module = DistillModule(pair.student, pair.teacher, view, build_router(cfg.router), task,
                            rollout={"n": 2, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0},
                            optim=dict(cfg.optim), eval=dict(cfg.eval))
-    from dopd.routing import routed_loss
-
-    pair.student.zero_grad(set_to_none=True)
-    roll = module.rollouts(task.examples("train", 2, 0))
-    student_logits, targets = module.forward_passes(roll)
-    assert set(targets) == module.router.passes
-    out = routed_loss(module.router, student_logits, roll.tokens, roll.mask, **targets)
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.student.parameters())
-    assert all(p.grad is None for p in pair.teacher.parameters())
+    one_distillation_step(module, task.examples("train", 2, 0))
 
 
 def test_vlm_run_end_to_end(tmp_path, tracking_uri):
@@ -169,10 +159,4 @@ def test_qwen3_vl_config_loads_tiny_checkpoints_in_bf16(tmp_path):
     module = DistillModule(pair.student, pair.teacher, view, build_router(cfg.router), build_task(cfg.task),
                            rollout={"n": 1, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0},
                            optim=dict(cfg.optim), eval=dict(cfg.eval))
-    roll = module.rollouts(_examples())
-    student_logits, targets = module.forward_passes(roll)
-    from dopd.routing import routed_loss
-
-    out = routed_loss(module.router, student_logits, roll.tokens, roll.mask, **targets)
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
+    one_distillation_step(module, _examples())
