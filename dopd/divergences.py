@@ -38,6 +38,12 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 (or fp64) logits / tau; at tau = 1 no [rows, V] copy is made of fp32 input."""
+    x = _up(x)
+    return x if temperature == 1.0 else x / temperature
+
+
 def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
     """Divergence between two normalised log-distributions over the last axis (any support), per row."""
     # -inf log-probs (masked vocabulary entries) become the most negative finite value: 0 * finite stays 0,
@@ -103,43 +109,80 @@ class _FullDivergence(torch.autograd.Function):
     With log S = z - logsumexp(z), z = s / tau, and h = dD/dlog S, dD/dz = h - S * sum(h). That gives
     rkl: S * (g - sum(S * g)) with g = log S - log T;  JS_b: the same with g = (1 - b) * log(S / M), M = (1-b)S + bT;
     fkl: S - T. Checked against autograd (fp64 gradcheck) in tests/test_divergences.py.
+
+    Value and gradient come out of one pass over each chunk's softmaxes (in place where it can): the gradient is
+    written into the one [N, V] tensor that backward returns anyway, so the softmaxes are never recomputed and the
+    peak memory is that of the recomputing version.
     """
 
     @staticmethod
     def forward(ctx, student, target, divergence, beta, temperature, chunk_size):
-        ctx.save_for_backward(student, target)
-        ctx.args = (divergence, beta, temperature, chunk_size)
         with torch.no_grad():
-            return torch.cat([_full_chunk(s, t, divergence, beta, temperature)
-                              for s, t in zip(student.split(chunk_size), target.split(chunk_size))])
+            if not ctx.needs_input_grad[0]:
+                return torch.cat([_full_chunk(s, t, divergence, beta, temperature)
+                                  for s, t in zip(student.split(chunk_size), target.split(chunk_size))])
+            value, grad = _full_value_and_grad(student, target, divergence, beta, temperature, chunk_size)
+        ctx.save_for_backward(student, target)  # only for a second backward (retain_graph), which recomputes
+        ctx.args = (divergence, beta, temperature, chunk_size)
+        ctx.grad = grad  # not a saved tensor: the first backward scales it in place
+        return value
 
     @staticmethod
     def backward(ctx, grad_out):
-        student, target = ctx.saved_tensors
         divergence, beta, temperature, chunk_size = ctx.args
-        grad = torch.empty_like(student)
-        floor = torch.finfo(_up(student).dtype).min
-        for start in range(0, student.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            log_s = torch.log_softmax(_up(student[rows]) / temperature, dim=-1).clamp_min(floor)
-            log_t = torch.log_softmax(_up(target[rows]) / temperature, dim=-1).clamp_min(floor)
-            p_s = log_s.exp()
-            if divergence == "fkl" or (divergence == "js" and beta == 0.0):
-                g = p_s.sub_(log_t.exp())
-            else:
-                if divergence == "rkl" or beta == 1.0:
-                    g = log_s.sub_(log_t)
-                else:  # (1 - b) * (log S - log M)
-                    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-                    g = log_s.sub_(log_m).mul_(1.0 - beta)
-                g.sub_((p_s * g).sum(-1, keepdim=True)).mul_(p_s)
-            grad[rows] = g.mul_(grad_out[rows, None].to(g.dtype) / temperature).to(grad.dtype)
-        return grad, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            student, target = ctx.saved_tensors
+            grad = _full_value_and_grad(student, target, divergence, beta, temperature, chunk_size)[1]
+        return grad.mul_((grad_out / temperature)[:, None].to(grad.dtype)), None, None, None, None, None
+
+
+def _full_value_and_grad(student, target, divergence, beta, temperature, chunk_size):
+    """Per row the divergence [N], and its gradient in z = s / tau [N, V] (the caller divides by tau once more)."""
+    grad = torch.empty_like(student)
+    scratch = student.new_empty((min(chunk_size, student.shape[0]), student.shape[-1]), dtype=_up(student[:0]).dtype)
+    values = []
+    for start in range(0, student.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        value, grad[rows] = _full_chunk_with_grad(student[rows], target[rows], divergence, beta, temperature, scratch)
+        values.append(value)
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return (torch.cat(values) if values else student.new_zeros(0, dtype=dtype)), grad
+
+
+def _full_chunk_with_grad(s, t, divergence, beta, temperature, scratch):
+    """Per row: the divergence and its gradient in z = s / tau (the caller divides by tau once more)."""
+    floor = torch.finfo(_up(s).dtype).min
+    log_s = torch.log_softmax(_scaled(s, temperature), dim=-1).clamp_min_(floor)
+    log_t = torch.log_softmax(_scaled(t, temperature), dim=-1).clamp_min_(floor)
+    p_s = log_s.exp()
+    if divergence == "fkl" or (divergence == "js" and beta == 0.0):
+        p_t = log_t.exp()
+        value = _rowdot(p_t, log_t.sub_(log_s), scratch)  # KL(T || S)
+        return value, p_s.sub_(p_t)
+    if divergence == "rkl" or beta == 1.0:
+        g = log_s.sub_(log_t)  # log S - log T
+        value = _rowdot(p_s, g, scratch)  # KL(S || T)
+    else:
+        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+        kl_tm = _rowdot(log_t.exp(), log_t.sub_(log_m), scratch)
+        g = log_s.sub_(log_m)  # log S - log M
+        kl_sm = _rowdot(p_s, g, scratch)
+        value = beta * kl_tm + (1.0 - beta) * kl_sm
+        g.mul_(1.0 - beta)
+        return value, g.sub_((1.0 - beta) * kl_sm[:, None]).mul_(p_s)
+    return value, g.sub_(value[:, None]).mul_(p_s)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) per row with the product written into a reused buffer (torch.sum's cascade summation keeps
+    fp32 accurate over a 150k vocabulary, where a BLAS dot product loses a digit)."""
+    return torch.mul(a, b, out=scratch[: a.shape[0]]).sum(-1)
 
 
 def _full_chunk(s, t, divergence, beta, temperature):
-    log_s = torch.log_softmax(_up(s) / temperature, dim=-1)
-    log_t = torch.log_softmax(_up(t) / temperature, dim=-1)
+    log_s = torch.log_softmax(_scaled(s, temperature), dim=-1)
+    log_t = torch.log_softmax(_scaled(t, temperature), dim=-1)
     return divergence_from_logprobs(log_s, log_t, divergence, beta)
 
 
@@ -163,7 +206,7 @@ def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
 
 
 def _topk_chunk(s, t, divergence, k, beta, support, tail, temperature):
-    s, t = _up(s) / temperature, _up(t) / temperature
+    s, t = _scaled(s, temperature), _scaled(t, temperature)
     # Top-K of the logits is the top-K of the probabilities, and renormalising on K entries cancels the full
     # normaliser: without a tail bucket no [rows, V] log-softmax is ever materialised.
     idx = (s if support == "student" else t).detach().topk(k, dim=-1).indices

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dopd.divergences import divergence
 from dopd.routing import (REGIMES, Gap, GapSpec, PruneSpec, Rule, RouterSpec, assign_regimes, dopd_loss, dopd_spec,
                           routed_loss, sampled_logprob, trimmed_mean)
 
@@ -396,6 +397,26 @@ NON_ROUTING = [
     RouterSpec(name="v-js", rules={"all": Rule("teacher", "js", "full", top_k=4)}),
     RouterSpec(name="v-sampled", rules={"all": Rule("teacher", "rkl", "sampled")}),
 ]
+
+
+@pytest.mark.parametrize("scope", ("full", "topk", "sampled"))
+@pytest.mark.parametrize("padded", (False, True))
+def test_one_group_over_every_token_or_some(scope, padded):
+    """A single rule's rows are a view of the logits when it covers every position and a gather otherwise; both
+    give the per-sequence mean of the per-token divergence (Eq. 11) and its gradient, as an fp64 recomputation."""
+    student, _, teacher, tokens, mask = make_batch(23, 3, 5, 11)
+    mask = mask if padded else torch.ones_like(mask)
+    assert bool(mask.all()) != padded
+    spec = RouterSpec(name="one", rules={"all": Rule("teacher", "rkl", scope, top_k=4)})
+    out = routed_loss(spec, student, tokens, mask, teacher=teacher)
+    grad = torch.autograd.grad(out.loss, student)[0]
+    s64 = student.detach().double().requires_grad_(True)
+    per_token = torch.zeros(mask.shape, dtype=torch.float64).index_put(
+        (mask,), divergence(s64[mask], teacher.double()[mask], tokens[mask], divergence="rkl", scope=scope, top_k=4))
+    expected = (per_token.sum(-1) / mask.sum(-1)).mean()
+    close(out.loss.detach(), expected.detach(), atol=1e-6, rtol=1e-6)
+    close(grad, torch.autograd.grad(expected, s64)[0], atol=1e-6, rtol=1e-5)
+    assert float(grad.abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("spec", NON_ROUTING, ids=lambda s: s.name)
