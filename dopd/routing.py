@@ -282,8 +282,10 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
     token_loss = torch.zeros(mask.shape, dtype=torch.float32, device=student_logits.device)
     active = {name: sel for name, sel in groups.items()
               if any(rule.weight != 0 for rule in spec.rule_list(name)) and sel.any()}
-    used = sorted({rule.target for name in active for rule in spec.rule_list(name) if rule.weight != 0})
-    rows = _group_rows(active, {"student": student_logits, "tokens": tokens, **{t: targets[t] for t in used}})
+    readers = {t: {name: sel for name, sel in active.items()
+                   if any(rule.target == t and rule.weight != 0 for rule in spec.rule_list(name))} for t in targets}
+    rows = {"student": _group_rows(active, student_logits), "tokens": _group_rows(active, tokens),
+            **{t: _group_rows(readers[t], targets[t]) for t in targets if readers[t]}}
     for name, sel in active.items():
         for rule in spec.rule_list(name):
             if rule.weight == 0:
@@ -308,26 +310,22 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
     return RoutedLoss(loss=loss, token_loss=token_loss, regime=regime, stats=stats)
 
 
-def _group_rows(groups: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Each group's positions (a [B, T] bool mask) of each [B, T, ...] tensor, as rows in the mask's order.
+def _group_rows(groups: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each group's positions (a [B, T] bool mask) of a [B, T, ...] tensor, as rows in the mask's order.
 
-    One gather of all the groups' rows per tensor, then a split: the student's gradient is scattered back once,
-    where a boolean index per group would allocate and scatter a [B, T, V] gradient per group. A single group
-    that selects every position is a view.
+    One gather of all the groups' rows, then a split: the student's gradient is scattered back once, where a
+    boolean index per group would allocate and scatter a [B, T, V] gradient per group. A single group that
+    selects every position is a view.
     """
     if not groups:
-        return {key: {} for key in tensors}
+        return {}
     names = list(groups)
     index = [groups[n].flatten().nonzero().squeeze(1) for n in names]
     sizes = [len(i) for i in index]
-    order = torch.cat(index)
-    whole = len(names) == 1 and sizes[0] == groups[names[0]].numel()
-    out = {}
-    for key, x in tensors.items():
-        flat = x.flatten(0, 1)
-        picked = flat if whole else flat.index_select(0, order)
-        out[key] = dict(zip(names, picked.split(sizes)))
-    return out
+    flat = x.flatten(0, 1)
+    if len(names) == 1 and sizes[0] == flat.shape[0]:
+        return {names[0]: flat}
+    return dict(zip(names, flat.index_select(0, torch.cat(index)).split(sizes)))
 
 
 def _groups(spec: RouterSpec, keep, regime, student_logits, targets, tokens, stats) -> dict[str, torch.Tensor]:
