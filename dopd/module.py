@@ -2,7 +2,8 @@
 
 One training step, top to bottom (`training_step`):
   1. the student samples `rollout.n` responses per prompt from x alone (no grad, KV cache);
-  2. the student scores them from its own context *with* grad: Pi_S(. | x, y<n);
+  2. the student scores them from its own context *with* grad: Pi_S(. | x, y<n) (a prompt's context runs once
+     for its n rollouts, in this pass as in the no-grad ones);
   3. only the passes the router needs run without grad: teacher|x, teacher|x,p, student|x,p;
   4. `routed_loss` picks each token's target, divergence, scope and weight, and reduces per Eq. 11.
 """
@@ -47,7 +48,8 @@ def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, r
         return ctx[name]
 
     with section("student"):
-        student_logits = response_logits(student, context(router.student_context), tokens, mask)
+        student_logits = response_logits(student, context(router.student_context), tokens, mask,
+                                         shared_context_group(student, roll))
     targets = {}
     with torch.no_grad():
         with section("teacher"):
@@ -62,6 +64,12 @@ def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, r
                 else:
                     targets["student_priv"] = response_logits(student, context("privileged"), tokens, mask, roll.n)
     return student_logits, targets
+
+
+def shared_context_group(model, roll: Rollout) -> int:
+    """How many rollouts share one context pass in the trained student pass: the prompt's n, unless gradient
+    checkpointing is on (it turns the KV cache that the shared pass hands on off)."""
+    return 1 if getattr(model, "is_gradient_checkpointing", False) else roll.n
 
 
 class DistillModule(L.LightningModule):

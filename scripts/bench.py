@@ -188,18 +188,26 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_flops(model, rows: int, seq_len: int, kept: int) -> float:
-    """FLOPs of one forward+backward of `response_logits` on [rows, seq_len] tokens, `kept` lm_head positions.
+def train_flops(model, rows: int, context: int, response: int, group: int = 1) -> float:
+    """FLOPs of one forward+backward of `response_logits` on `rows` rows of `context` + `response` tokens.
 
-    forward = 2*P_lin*rows*seq_len + 4*layers*heads*head_dim*seq_len^2*rows + 2*V*d*rows*kept, backward = 2x forward
-    (P_lin: the decoder's linear weights; attention counted over the full masked square as SDPA computes it;
-    lm_head only at the kept response positions; norms, rotary, softmax and the embedding lookup not counted).
+    forward = 2*P_lin*tokens + attention + 2*V*d*rows*(response + 1), backward = 2x forward (P_lin: the decoder's
+    linear weights; norms, rotary, softmax and the embedding lookup not counted; the lm_head only at the response
+    positions). With `group` = 1, one pass over [rows, context + response]: attention counted over the full masked
+    square, as SDPA computes it. With `group` > 1 (rows in runs sharing a context, `response_logits(group=...)`),
+    each context runs once ([rows/group, context], its square) and the responses attend to context + response.
     """
     cfg = model.config
     lin = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
-    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len * seq_len * rows
-    head = 2 * cfg.vocab_size * cfg.hidden_size * rows * kept
-    return 3.0 * (2 * lin * rows * seq_len + attn + head)
+    per_token_attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim  # per query-key pair
+    if group <= 1:
+        seq = context + response
+        tokens, attn = rows * seq, per_token_attn * seq * seq * rows
+    else:
+        tokens = rows // group * context + rows * response
+        attn = per_token_attn * (rows // group * context * context + rows * response * (context + response))
+    head = 2 * cfg.vocab_size * cfg.hidden_size * rows * (response + 1)
+    return 3.0 * (2 * lin * tokens + attn + head)
 
 
 def bench_train_flops(spec: PairSpec, device, dtype, reps: int = 3) -> dict:
@@ -223,7 +231,7 @@ def bench_train_flops(spec: PairSpec, device, dtype, reps: int = 3) -> dict:
             response_logits(student, ctx, tokens, mask).float().logsumexp(-1).mean().backward()
         student.zero_grad(set_to_none=True)
         times.append(c.cpu["x"] if torch.device(device).type == "cpu" else c.wall["x"])
-    flops = train_flops(student, rows, context + spec.max_new_tokens, spec.max_new_tokens + 1)
+    flops = train_flops(student, rows, context, spec.max_new_tokens)
     best = min(times[1:])
     return {"pair": spec.name, "rows": rows, "seq_len": context + spec.max_new_tokens, "gflop": flops / 1e9,
             "best_s": best, "gflop_s": flops / 1e9 / best}
@@ -345,7 +353,7 @@ def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=No
     (counted in student_fwd_bwd). With `memory`, the step's peak memory is measured too: on CPU that trims the
     heap first (so the next allocations page-fault), which is why timed steps never measure memory.
     """
-    from dopd.module import forward_passes
+    from dopd.module import forward_passes, shared_context_group
     from dopd.rollout import sample
     from dopd.routing import routed_loss
 
@@ -374,7 +382,8 @@ def bench_step(w: Workload, spec, student, opt, device, dtype=None, generator=No
     seq = roll.context.input_ids.shape[1] + tokens.shape[1]  # the student's context: x, or x with p
     return {"wall": dict(clock.wall), "cpu": dict(clock.cpu), "generated": int(mask.sum()), "trained": int(mask.sum()),
             "rows": int(tokens.shape[0]), "response_width": int(tokens.shape[1]), "seq_len": int(seq),
-            "student_flops": train_flops(student, tokens.shape[0], seq, tokens.shape[1] + 1),
+            "student_flops": train_flops(student, tokens.shape[0], roll.context.input_ids.shape[1], tokens.shape[1],
+                                         shared_context_group(student, roll)),
             "peak_mib": peak, "peak_delta_mib": delta, "loss": float(out.loss.detach())}
 
 

@@ -84,3 +84,20 @@ def test_flops_probe_measures_the_students_forward_backward():
     assert math.isclose(probe["gflop"] * 1e9, 3 * (2 * 4 * 9 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 128 * 3)
                                                    + 4 * 2 * 16 * 9 * 9 * 4 + 2 * 256 * 32 * 4 * 5), rel_tol=1e-9)
     assert probe["best_s"] > 0 and math.isfinite(probe["gflop_s"]) and probe["gflop_s"] > 0
+
+
+def test_train_flops_counts_a_shared_context_once():
+    """With rollouts sharing their prompt's context pass, the context's linear and attention FLOPs count once per
+    prompt and the responses attend to context + response; with no context both counts agree."""
+    from dopd.models import tiny_qwen3
+
+    bench = _load_bench()
+    model = tiny_qwen3(256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    lin, attn, head = 32 * 32 * 2 + 32 * 16 * 2 + 32 * 128 * 3, 4 * 1 * 2 * 16, 2 * 256 * 32
+    rows, context, response = 8, 6, 5
+    shared = bench.train_flops(model, rows, context, response, group=4)
+    expected = 3 * (2 * lin * (2 * context + rows * response)
+                    + attn * (2 * context * context + rows * response * (context + response)) + head * rows * 6)
+    assert math.isclose(shared, expected, rel_tol=1e-12)
+    assert shared < bench.train_flops(model, rows, context, response)
+    assert math.isclose(bench.train_flops(model, rows, 0, response, group=4), bench.train_flops(model, rows, 0, response))

@@ -210,12 +210,17 @@ def test_a_pair_with_different_tokenizers_is_rejected_naming_both(tmp_path, monk
 
 
 def test_student_gradient_checkpointing_changes_no_gradient(tmp_path):
-    """model.student.gradient_checkpointing (on in the GPU configs) recomputes activations; the gradient is the same."""
-    from dopd.view import PrivilegedView, response_logits
+    """model.student.gradient_checkpointing (on in the GPU configs) recomputes activations; the gradient is the same.
+
+    Through the module's own passes: without checkpointing the trained pass shares each prompt's context across
+    its rollouts; with it (no KV cache to hand on) it runs one context per row. Both give the same gradient."""
+    from dopd.module import forward_passes, shared_context_group
+    from dopd.view import PrivilegedView
 
     grads = []
     for on in (False, True):
-        cfg = compose_cfg(["model=tiny_random", f"+model.student.gradient_checkpointing={str(on).lower()}"], tmp_path)
+        cfg = compose_cfg(["model=tiny_random", "router=vanilla",
+                           f"+model.student.gradient_checkpointing={str(on).lower()}"], tmp_path)
         pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True))
         student = pair.student.train()
         assert student.is_gradient_checkpointing == on and not pair.teacher.is_gradient_checkpointing
@@ -223,7 +228,8 @@ def test_student_gradient_checkpointing_changes_no_gradient(tmp_path):
         exs = build_task(compose_cfg(["task=arith"], tmp_path).task).examples("test", 3, 0)
         torch.manual_seed(0)
         roll = sample(student, view, exs, n=2, max_new_tokens=8)
-        logits = response_logits(student, view.contexts(roll.examples, False), roll.tokens, roll.mask)
+        assert shared_context_group(student, roll) == (1 if on else 2)
+        logits, _ = forward_passes(student, pair.teacher, view, build_router(cfg.router), roll)
         logits[roll.mask].logsumexp(-1).sum().backward()
         grads.append([p.grad.clone() for p in student.parameters()])
     for a, b in zip(*grads):
