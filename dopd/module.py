@@ -69,7 +69,10 @@ def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, r
 def shared_context_group(model, roll: Rollout) -> int:
     """How many rollouts share one context pass in the trained student pass: the prompt's n, unless gradient
     checkpointing is on (it turns the KV cache that the shared pass hands on off)."""
-    return 1 if getattr(model, "is_gradient_checkpointing", False) else roll.n
+    # transformers 5 names the flag is_activation_checkpointing (is_gradient_checkpointing is deprecated); 4.x the latter
+    on = getattr(model, "is_activation_checkpointing", None)
+    on = getattr(model, "is_gradient_checkpointing", False) if on is None else on
+    return 1 if on else roll.n
 
 
 class DistillModule(L.LightningModule):
