@@ -282,9 +282,10 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
     token_loss = torch.zeros(mask.shape, dtype=torch.float32, device=student_logits.device)
     active = {name: sel for name, sel in groups.items()
               if any(rule.weight != 0 for rule in spec.rule_list(name)) and sel.any()}
-    readers = {t: {name: sel for name, sel in active.items()
+    index = {name: sel.flatten().nonzero().squeeze(1) for name, sel in active.items()}  # one host sync per group
+    readers = {t: {name: index[name] for name in active
                    if any(rule.target == t and rule.weight != 0 for rule in spec.rule_list(name))} for t in targets}
-    rows = {"student": _group_rows(active, student_logits), "tokens": _group_rows(active, tokens),
+    rows = {"student": _group_rows(index, student_logits), "tokens": _group_rows(index, tokens),
             **{t: _group_rows(readers[t], targets[t]) for t in targets if readers[t]}}
     for name, sel in active.items():
         for rule in spec.rule_list(name):
@@ -310,22 +311,20 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
     return RoutedLoss(loss=loss, token_loss=token_loss, regime=regime, stats=stats)
 
 
-def _group_rows(groups: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each group's positions (a [B, T] bool mask) of a [B, T, ...] tensor, as rows in the mask's order.
+def _group_rows(index: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each group's rows of a [B, T, ...] tensor, given each group's flat [B * T] positions in ascending order.
 
     One gather of all the groups' rows, then a split: the student's gradient is scattered back once, where a
     boolean index per group would allocate and scatter a [B, T, V] gradient per group. A single group that
     selects every position is a view.
     """
-    if not groups:
+    if not index:
         return {}
-    names = list(groups)
-    index = [groups[n].flatten().nonzero().squeeze(1) for n in names]
-    sizes = [len(i) for i in index]
-    flat = x.flatten(0, 1)
+    names, flat = list(index), x.flatten(0, 1)
+    sizes = [len(index[n]) for n in names]
     if len(names) == 1 and sizes[0] == flat.shape[0]:
         return {names[0]: flat}
-    return dict(zip(names, flat.index_select(0, torch.cat(index)).split(sizes)))
+    return dict(zip(names, flat.index_select(0, torch.cat([index[n] for n in names])).split(sizes)))
 
 
 def _groups(spec: RouterSpec, keep, regime, student_logits, targets, tokens, stats) -> dict[str, torch.Tensor]:
