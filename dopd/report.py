@@ -1,11 +1,13 @@
-"""Turn a sweep's MLflow runs into the paper's tables (Tables 1 and 3) and curves (Figs. 3 and 8).
+"""Turn a sweep's MLflow runs into the paper's tables (Tables 1 and 3), curves (Figs. 3 and 8) and sensitivity plots
+(Fig. 10).
 
     python -m dopd.report EXPERIMENT [--parent RUN_ID | --sweep NAME | --all] [--rows k1,k2] [--paper FILE]
 
 Rows are methods (the keys the sweep varies, `seed` aside), columns the evaluation splits plus Avg; each cell is the
 final-step accuracy in %, mean ± std over seeds. Reference rows (the student at step 0 and the frozen teacher) give
 the gain and the share of the teacher-student gap each method recovers, as the paper reports it. Markdown, LaTeX,
-CSV and PNG curves go to `--out` and, as artifacts under `report/`, to the sweep's parent run.
+CSV, PNG curves and, for a sweep over one or two numeric keys, a sensitivity plot go to `--out` and, as artifacts
+under `report/`, to the sweep's parent run.
 
 The pure part (statistics, grouping, layout) is separate from the MLflow I/O at the bottom, so it can be tested on
 hand-made numbers.
@@ -572,6 +574,63 @@ def plot_curves(groups: list[Group], metric: str, path: Path, smooth: int) -> Pa
     return path
 
 
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def sensitivity_points(groups: list[Group], table: Table, keys: list[str], column: str
+                       ) -> dict[str, list[tuple[float, Stat]]] | None:
+    """The points of a hyper-parameter sweep: per value of the second row key (or one series), (first key's value,
+    the row's `column` Stat) sorted by value. None unless the rows are one or two keys, the first one numeric."""
+    if not 1 <= len(keys) <= 2:
+        return None
+    points: dict[str, list[tuple[float, Stat]]] = {}
+    for g in groups:
+        x = _number(g.values[keys[0]])
+        if x is None:
+            return None
+        cell = table.row(g.label).cells.get(column)
+        if cell is not None:
+            series = f"{keys[1]}={g.values[keys[1]]}" if len(keys) == 2 else column
+            points.setdefault(series, []).append((x, cell))
+    for pts in points.values():
+        pts.sort(key=lambda p: p[0])
+    return points if points and max(len(p) for p in points.values()) >= 2 else None
+
+
+def plot_sensitivity(groups: list[Group], table: Table, keys: list[str], column: str, path: Path) -> Path | None:
+    """A hyper-parameter sweep as the paper draws Fig. 10: final `column` against the first row key, one line per
+    value of the second key, 95% CI bars over seeds, the student's start as a dotted line."""
+    points = sensitivity_points(groups, table, keys, column)
+    if points is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for series, pts in points.items():
+        ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts],
+                    yerr=[0.0 if math.isnan(s.ci95) else s.ci95 for _, s in pts], marker="o", capsize=3,
+                    label=f"{series} (n={'-'.join(str(n) for n in sorted({s.n for _, s in pts}))})")
+    for row in table.rows:
+        if row.kind == "reference" and row.label.startswith("student (start)") and column in row.cells:
+            ax.axhline(row.cells[column].mean, color="gray", linestyle=":", linewidth=1, label=row.label)
+    ax.set_xlabel(keys[0])
+    ax.set_ylabel(f"{column} (%)")
+    ax.set_title(f"{column} after training against {keys[0]}: mean and 95% CI over seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 @dataclass
 class Report:
     experiment: str
@@ -642,6 +701,10 @@ def report(experiment: str, tracking_uri: str = DEFAULT_URI, *, parent: str | No
         writer.writerow(CSV_HEADER)
         for t in tables:
             writer.writerows(csv_rows(t))
+    summary = AVG if AVG in columns else columns[0]
+    png = plot_sensitivity(groups, tables[0], keys, summary, out_dir / "sensitivity.png")
+    if png is not None:
+        files.append(png)
     for metric in curves:
         png = plot_curves(groups, metric, out_dir / f"curve_{re.sub(r'[^A-Za-z0-9]+', '_', metric)}.png", smooth)
         if png is not None:

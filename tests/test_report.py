@@ -13,8 +13,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 
 from dopd import PROJECT_ROOT
-from dopd.report import (ReportError, RunData, band, build_table, group_runs, main, moving_average, report, run_value,
-                         summarize, sweep_overrides, t975)
+from dopd.report import (ReportError, RunData, band, build_table, group_runs, load_run, main, moving_average, report,
+                         run_value, select_runs, sensitivity_points, summarize, sweep_overrides, t975)
 from tests.conftest import FAST
 
 T2 = 4.302652729911275    # t_{0.975, df=2}
@@ -273,3 +273,40 @@ def test_an_ablation_sweep_gets_one_row_per_ablation(tmp_path):
 def test_runs_logged_before_groups_were_tagged_are_grouped_by_their_names():
     run = RunData("vanilla-seed2-ablation=fig4_random", "x", {"router": "vanilla"}, {}, {})
     assert run_value(run, "ablation") == "fig4_random" and run_value(run, "task.hint_form") == "<missing>"
+
+
+def test_a_sweep_over_two_numeric_keys_gets_a_sensitivity_plot(tmp_path):
+    """Fig. 10's layout: Avg against the first swept key, one series per value of the second, CIs over seeds."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("fig10", artifact_location=str(tmp_path / "art"))
+    parent = client.create_run(exp, run_name="sens", tags={
+        "sweep": "true", "overrides": "router.beta_light=0.2,0.6 router.beta_weak=0.1,0.3 seed=1,2"})
+    t0 = int(time.time() * 1000)
+    final = {}  # (beta_light, beta_weak) -> per-seed final avg
+    for light in ("0.2", "0.6"):
+        for weak in ("0.1", "0.3"):
+            for seed in (1, 2):
+                value = float(light) + float(weak) / 10 + 0.01 * seed
+                final.setdefault((light, weak), []).append(value)
+                run = client.create_run(exp, run_name=f"dopd-seed{seed}", start_time=t0, tags={
+                    "router": "dopd", "seed": str(seed), "pair": "p", "mlflow.parentRunId": parent.info.run_id})
+                client.log_batch(run.info.run_id, metrics=[Metric("eval/acc/avg", 0.1, t0, 0),
+                                                           Metric("eval/acc/avg", value, t0, 10)],
+                                 params=[Param("router/beta_light", light), Param("router/beta_weak", weak)])
+                client.set_terminated(run.info.run_id)
+    client.set_terminated(parent.info.run_id)
+
+    rep = report("fig10", uri, out=tmp_path / "rep", curves=())
+    assert "sensitivity.png" in {p.name for p in rep.files}
+    runs = [load_run(client, r, ()) for r in select_runs(client, "fig10", parent.info.run_id)[1]]
+    keys = ["router.beta_light", "router.beta_weak"]
+    points = sensitivity_points(group_runs(runs, keys), rep.tables[0], keys, "Avg")
+    assert list(points) == ["router.beta_weak=0.1", "router.beta_weak=0.3"]
+    for weak in ("0.1", "0.3"):
+        xs = [x for x, _ in points[f"router.beta_weak={weak}"]]
+        means = [s.mean for _, s in points[f"router.beta_weak={weak}"]]
+        assert xs == [0.2, 0.6]
+        assert means == pytest.approx([100 * sum(final[light, weak]) / 2 for light in ("0.2", "0.6")])
+    # a sweep over methods (non-numeric rows) gets none
+    assert sensitivity_points(group_runs(runs, ["router"]), rep.tables[0], ["router"], "Avg") is None
