@@ -533,16 +533,35 @@ def load_run(client, run, curves: tuple[str, ...]) -> RunData:
                    dict(run.data.metrics), start, {m: hist[m] for m in curves if m in hist})
 
 
-def plot_curves(groups: list[Group], metric: str, path: Path, smooth: int) -> Path | None:
-    """Mean ± std across seeds per row over steps; train/* smoothed; the teacher as a dashed line for eval/acc/*."""
+def _figure():
+    """A headless matplotlib figure of the report's size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6.4, 4.0))
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(groups: list[Group], metric: str, path: Path, smooth: int) -> Path | None:
+    """Mean ± std across seeds per row over steps; train/* smoothed; the teacher as a dashed line for eval/acc/*."""
     scale = 100.0 if metric.startswith((ACC, TEACHER)) else 1.0
     window = smooth if metric.startswith("train/") else 1
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = _figure()
     drawn = False
     for g in groups:
         hists = [r.curves[metric] for r in g.runs if r.curves.get(metric)]
@@ -560,18 +579,12 @@ def plot_curves(groups: list[Group], metric: str, path: Path, smooth: int) -> Pa
         if teacher:
             ax.axhline(scale * sum(teacher) / len(teacher), color="k", linestyle="--", linewidth=1, label="teacher")
     if not drawn:
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
         return None
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
-    ax.set_title(f"{metric}: mean ± std over seeds" + (f" ({window}-step moving average)" if window > 1 else ""),
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "step", metric + (" (%)" if scale == 100.0 else ""),
+                 f"{metric}: mean ± std over seeds" + (f" ({window}-step moving average)" if window > 1 else ""))
 
 
 def _number(value: str) -> float | None:
@@ -607,12 +620,7 @@ def plot_sensitivity(groups: list[Group], table: Table, keys: list[str], column:
     points = sensitivity_points(groups, table, keys, column)
     if points is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = _figure()
     for series, pts in points.items():
         ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts],
                     yerr=[0.0 if math.isnan(s.ci95) else s.ci95 for _, s in pts], marker="o", capsize=3,
@@ -620,15 +628,8 @@ def plot_sensitivity(groups: list[Group], table: Table, keys: list[str], column:
     for row in table.rows:
         if row.kind == "reference" and row.label.startswith("student (start)") and column in row.cells:
             ax.axhline(row.cells[column].mean, color="gray", linestyle=":", linewidth=1, label=row.label)
-    ax.set_xlabel(keys[0])
-    ax.set_ylabel(f"{column} (%)")
-    ax.set_title(f"{column} after training against {keys[0]}: mean and 95% CI over seeds", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, keys[0], f"{column} (%)",
+                 f"{column} after training against {keys[0]}: mean and 95% CI over seeds")
 
 
 @dataclass
