@@ -3,6 +3,8 @@
     python scripts/preconditions.py                       # zoo/reason/{l,s} cards + MLflow experiment table1
     python scripts/preconditions.py --teacher xl --student s --experiment table3
     python scripts/preconditions.py --zoo scenes          # the VLM testbed: zoo/scenes/{l,s} + experiment table2
+    python scripts/preconditions.py --student /tmp/probe/s800 --experiment testbed_probe --pair reason-l-s800
+                                                          # a probe: its model's folder, its runs by pair
 
 (i)   without p, the teacher beats the student by >= 20 points held-out (zoo cards);
 (ii)  p helps both, and at the start of a DOPD run >= 10% of response tokens are HT (the first logged step of the
@@ -29,29 +31,36 @@ DEFAULTS = {"reason": ("stepwise", "table1"), "scenes": ("box_label", "table2")}
 
 
 def card(name: str, zoo: str = "reason") -> dict:
-    return json.loads((ROOT / "zoo" / zoo / name / "card.json").read_text())
+    """A zoo model's card: `name` is a zoo name (zoo/<zoo>/<name>/) or a folder with a card.json (a probe's model)."""
+    folder = Path(name) if Path(name, "card.json").is_file() else ROOT / "zoo" / zoo / name
+    if not (folder / "card.json").is_file():
+        raise SystemExit(f"preconditions: no card.json for model {name!r}: neither zoo/{zoo}/{name}/ nor a folder "
+                         "with a card.json (build it with `python train.py zoo=...`)")
+    return json.loads((folder / "card.json").read_text())
 
 
 def se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-4) / n)
 
 
-def runs_of(uri: str, experiment: str, router: str):
+def runs_of(uri: str, experiment: str, router: str, pair: str | None = None):
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return client, []
-    found = client.search_runs([exp.experiment_id], f"tags.router = '{router}' and attributes.status = 'FINISHED'")
+    query = f"tags.router = '{router}' and attributes.status = 'FINISHED'" + (f" and tags.pair = '{pair}'" if pair else "")
+    found = client.search_runs([exp.experiment_id], query)
     return client, found
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="l")
-    ap.add_argument("--student", default="s")
+    ap.add_argument("--teacher", default="l", help="zoo name, or a folder with a card.json")
+    ap.add_argument("--student", default="s", help="zoo name, or a folder with a card.json")
     ap.add_argument("--zoo", default="reason", choices=sorted(DEFAULTS), help="which testbed's zoo (zoo/<name>/)")
     ap.add_argument("--form", default=None, help="the default p form (stepwise for reason, box_label for scenes)")
     ap.add_argument("--experiment", default=None, help="MLflow experiment with vanilla and dopd runs (table1 / table2)")
+    ap.add_argument("--pair", default=None, help="only the runs of this pair (their `pair` tag, the model's name)")
     ap.add_argument("--tracking-uri", default=f"sqlite:///{ROOT}/outputs/mlflow.db")
     args = ap.parse_args(argv)
     form = args.form or DEFAULTS[args.zoo][0]
@@ -65,7 +74,7 @@ def main(argv=None) -> int:
           f"gap {100 * gap:+.1f} points -> {'PASS' if ok['i'] else 'FAIL'}")
     helps = {who: a[f"acc_priv/{form}/test"] - a["acc/test"] for who, a in (("teacher", t), ("student", s))}
     with_p_gap = t[f"acc_priv/{form}/test"] - s[f"acc_priv/{form}/test"]
-    client, dopd = runs_of(args.tracking_uri, args.experiment, "dopd")
+    client, dopd = runs_of(args.tracking_uri, args.experiment, "dopd", args.pair)
     ht = [h[0].value for r in dopd if (h := sorted(client.get_metric_history(r.info.run_id, "train/regime/HT/frac"),
                                                    key=lambda m: m.step))]
     ok["ii"] = min(helps.values()) > 0 and bool(ht) and statistics.mean(ht) >= 0.10
@@ -83,7 +92,7 @@ def main(argv=None) -> int:
               f" ({100 * d:+.1f}){'' if form != 'none' else ' (control: should not differ)'}")
     ok["iii"] = all(used)
     print(f"(iii) -> {'PASS' if ok['iii'] else 'FAIL'}")
-    _, vanilla = runs_of(args.tracking_uri, args.experiment, "vanilla")
+    _, vanilla = runs_of(args.tracking_uri, args.experiment, "vanilla", args.pair)
     gains = []
     for r in vanilla:
         h = sorted(client.get_metric_history(r.info.run_id, "eval/acc/avg"), key=lambda m: m.step)
