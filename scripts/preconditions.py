@@ -48,7 +48,9 @@ def runs_of(uri: str, experiment: str, router: str, pair: str | None = None):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return client, []
-    query = f"tags.router = '{router}' and attributes.status = 'FINISHED'" + (f" and tags.pair = '{pair}'" if pair else "")
+    query = f"tags.router = '{router}' and attributes.status = 'FINISHED'"
+    if pair:
+        query += f" and tags.pair = '{pair}'"
     found = client.search_runs([exp.experiment_id], query)
     return client, found
 
@@ -65,8 +67,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     form = args.form or DEFAULTS[args.zoo][0]
     args.experiment = args.experiment or DEFAULTS[args.zoo][1]
-    t, s = card(args.teacher, args.zoo)["accuracy"], card(args.student, args.zoo)["accuracy"]
-    n = card(args.teacher, args.zoo)["eval_n"]
+    teacher_card = card(args.teacher, args.zoo)
+    t, s, n = teacher_card["accuracy"], card(args.student, args.zoo)["accuracy"], teacher_card["eval_n"]
     ok = {}
     gap = t["acc/test"] - s["acc/test"]
     ok["i"] = gap >= 0.20
