@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from dopd.view import position_ids
 
@@ -48,9 +47,12 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
     diag = torch.eye(prompt_len, dtype=torch.bool, device=device)
     fused = _fused(model)
-    logits = _forward(model, cache, fused, input_ids, positions,
+    cos_table, sin_table = _rotary_tables(model, total, dtype, device)
+    logits = _forward(model, cache, fused, input_ids, (cos_table[positions], sin_table[positions]),
                       _additive((causal & valid[:, None, None, :prompt_len]) | diag, dtype), start=0)
     next_pos = positions[:, -1:] + 1
+    # The decode steps' mask: one additive row per sequence, opened one column per step (no per-step rebuild).
+    mask = _additive(valid[:, None, None, :], dtype)
 
     eos = torch.tensor(eos_ids, device=device)
     blocked = torch.tensor(sorted(set(suppress or [])), dtype=torch.long, device=device)
@@ -63,58 +65,78 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         if step + 1 == max_new_tokens or bool(finished.all()):
             return out[:, : step + 1]
         end = prompt_len + step + 1
-        valid[:, end - 1] = True
-        logits = _forward(model, cache, fused, token[:, None], next_pos, _additive(valid[:, None, None, :end], dtype),
-                          start=end - 1)
+        mask[..., end - 1] = 0.0
+        logits = _forward(model, cache, fused, token[:, None], (cos_table[next_pos], sin_table[next_pos]),
+                          mask[..., :end], start=end - 1)
         next_pos = next_pos + 1
     return out
 
 
-def _fused(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the q/k/v and gate/up weights side by side: two matmuls per layer where HF runs five.
+def _fused(model) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer, the q/k/v and gate/up weights side by side (two matmuls per layer where HF runs five), and the
+    q_norm and k_norm weights per head ([H_q + H_kv, head_dim]): one norm and one rotation for q and k together.
 
     Rebuilt on every call (the student's weights change between steps); a copy of those weights, small next to
     the KV cache at the sizes this decoder is the default for (CPU)."""
     out = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
+        heads_q, heads_kv = attn.q_proj.weight.shape[0] // attn.head_dim, attn.k_proj.weight.shape[0] // attn.head_dim
         out.append((torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    torch.cat([attn.q_norm.weight.expand(heads_q, -1), attn.k_norm.weight.expand(heads_kv, -1)])))
     return out
 
 
-def _norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """Qwen3RMSNorm in one native op for fp32 (what it computes in fp32 anyway); the module itself otherwise."""
-    if x.dtype != torch.float32:
-        return norm(x)
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3RMSNorm without its weight, bit for bit: one native op for fp32, HF's fp32 round trip otherwise."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, eps)
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _forward(model, cache, fused, ids, positions, mask, *, start: int) -> torch.Tensor:
+def _rotary_tables(model, total: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin for positions 0..total-1 ([total, head_dim]), from the model's own rotary module.
+
+    Looked up by position at every step instead of recomputed. The sin table carries rotate_half's sign
+    (-sin on the first half), so a rotation is x * cos + roll(x, head_dim / 2) * sin: the same products as HF's
+    `apply_rotary_pos_emb`, in two ops fewer per tensor, and q and k rotate as one tensor."""
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    cos, sin = model.model.rotary_emb(probe, torch.arange(total, device=device)[None])
+    half = sin.shape[-1] // 2
+    return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
+
+
+def _forward(model, cache, fused, ids, rotary, mask, *, start: int) -> torch.Tensor:
     """Logits of the last position [B, V]; writes the new keys and values at cache[start:start + T].
 
-    `mask` is additive ([B, 1, T, start + T], 0 or -inf) and shared by every layer."""
+    `rotary` is (cos, signed sin) at the new positions ([B, T, head_dim]); `mask` is additive
+    ([B, 1, T, start + T], 0 or -inf) and shared by every layer."""
     core = model.model
     h = core.embed_tokens(ids)
     batch, length = ids.shape
-    cos, sin = core.rotary_emb(h, positions)
+    cos, sin = (t.unsqueeze(1) for t in rotary)
     end = start + length
-    for layer, (k_cache, v_cache), (w_qkv, w_gate_up) in zip(core.layers, cache, fused):
+    eps = core.norm.variance_epsilon
+    for layer, (k_cache, v_cache), (w_qkv, w_gate_up, w_qk_norm) in zip(core.layers, cache, fused):
         attn = layer.self_attn
-        q_size, kv_size = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-        q, k, v = F.linear(_norm(layer.input_layernorm, h), w_qkv).split([q_size, kv_size, kv_size], dim=-1)
-        q = _norm(attn.q_norm, q.view(batch, length, -1, attn.head_dim)).transpose(1, 2)
-        k = _norm(attn.k_norm, k.view(batch, length, -1, attn.head_dim)).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        head_dim = attn.head_dim
+        heads_q = attn.q_proj.weight.shape[0] // head_dim
+        qkv = F.linear(_rms(h, eps) * layer.input_layernorm.weight, w_qkv).view(batch, length, -1, head_dim)
+        qk, v = qkv.split([w_qk_norm.shape[0], qkv.shape[2] - w_qk_norm.shape[0]], dim=2)
+        qk = (_rms(qk, eps) * w_qk_norm).transpose(1, 2)  # [B, H_q + H_kv, T, head_dim]
+        qk = qk * cos + qk.roll(head_dim // 2, -1) * sin
+        q, k = qk.split([heads_q, qk.shape[1] - heads_q], dim=1)
         k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v.view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        v_cache[:, :, start:end] = v.transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
                                            scale=attn.scaling, enable_gqa=True)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
         mlp = layer.mlp
-        gate, up = F.linear(_norm(layer.post_attention_layernorm, h), w_gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(_rms(h, eps) * layer.post_attention_layernorm.weight, w_gate_up).chunk(2, dim=-1)
         h = h + mlp.down_proj(mlp.act_fn(gate) * up)
-    return model.lm_head(_norm(core.norm, h[:, -1]))
+    return model.lm_head(_rms(h[:, -1], eps) * core.norm.weight)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,7 +150,8 @@ def _choose(logits: torch.Tensor, blocked: torch.Tensor, do_sample: bool, temper
         scores[:, blocked] = float("-inf")
     if not do_sample:
         return scores.argmax(-1)
-    scores = scores / temperature
+    if temperature != 1.0:
+        scores = scores / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -137,4 +160,14 @@ def _choose(logits: torch.Tensor, blocked: torch.Tensor, do_sample: bool, temper
         drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+    return _draw(scores.softmax(-1))
+
+
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row, the way `torch.multinomial(probs, 1)` makes it on CPU and CUDA: arg-max of p / q with
+    q ~ Exp(1) (the exponential form of the Gumbel-max trick), from the same generator, so the same tokens.
+
+    Without multinomial's input checks, which cost two host syncs per call: `probs` here is a softmax, never
+    negative and never all zero. `tests/test_decode.py` checks that the draws equal torch.multinomial's."""
+    noise = torch.empty_like(probs).exponential_(1)
+    return torch.div(probs, noise, out=noise).argmax(-1)

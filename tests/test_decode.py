@@ -84,6 +84,31 @@ def test_sampling_follows_the_softmax_and_the_warpers():
     assert set(first.tolist()) == {int(probs.argmax())}
 
 
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.9}])
+def test_sampled_tokens_equal_generates_under_one_seed(kw):
+    """Bit for bit, not only in distribution: the lean decoder draws the very tokens `generate` draws from the same
+    seed, so switching engines (or optimising the decoder) never changes a run's rollouts."""
+    model, (ids, mask) = _model(seed=4), _prompts(batch=8, seed=3)
+    kw = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kw}
+    torch.manual_seed(123)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=24, pad_token_id=PAD,
+                         eos_token_id=[EOS], suppress_tokens=[EOS], **kw)[:, ids.shape[1]:]
+    torch.manual_seed(123)
+    out = decode.decode(model, ids, mask, max_new_tokens=24, eos_ids=[EOS], pad_id=PAD, suppress=[EOS], **kw)
+    assert torch.equal(out, ref)
+
+
+def test_draws_equal_torch_multinomial():
+    """`_draw` skips multinomial's input checks but must draw what it draws (same generator, same algorithm)."""
+    probs = torch.softmax(3 * torch.randn(64, 88, generator=torch.Generator().manual_seed(0)), -1)
+    probs[:, 5] = 0.0  # a suppressed token: never drawn
+    torch.manual_seed(9)
+    ref = torch.cat([torch.multinomial(probs, 1).squeeze(1) for _ in range(50)])
+    torch.manual_seed(9)
+    out = torch.cat([decode._draw(probs) for _ in range(50)])
+    assert torch.equal(out, ref) and not (out == 5).any()
+
+
 def test_supports_only_full_attention_qwen3():
     assert decode.supports(_model())
     assert not decode.supports(_model(use_sliding_window=True, sliding_window=4))
