@@ -162,6 +162,26 @@ class ReasonTask:
     def is_correct(self, response: str, example: Example) -> bool:
         return self.extract_answer(response) == example.answer
 
+    @staticmethod
+    def token_kinds(pieces: list[str]) -> list[str]:
+        """The kind of each response token (its text), for `scripts/regime_anatomy.py`: ``plan`` (an operator or
+        operand: given by p), ``result`` (a digit after ``=``: the capability), ``copy`` (a digit that opens a
+        step: the previous result again), ``answer`` (after ``#``) and ``format`` (``=``, ``;``, ``#``, the rest)."""
+        kinds, state = [], "plan"
+        for piece in pieces:
+            ch = piece[:1]
+            if ch in ("=", ";", "#"):
+                kinds.append("format")
+                state = {"=": "result", ";": "copy", "#": "answer"}[ch]
+            elif ch.isdigit():
+                kinds.append(state)
+            elif ch in ("+", "-", "*"):
+                kinds.append("plan")
+                state = "plan"
+            else:
+                kinds.append("format")
+        return kinds
+
 
 _GENERATORS = {"arith": ReasonTask._arith, "vars": ReasonTask._vars, "funcs": ReasonTask._funcs}
 
