@@ -871,9 +871,9 @@ def make_plan(args) -> Plan:
     big = ["vanilla", "vanilla_full", "dopd"]
     if args.quick:
         plan = Plan(pairs=["small"], routers={"small": ["vanilla", "dopd", "teacher_priv", "opsd", "eopd", "tip"]},
-                    steps=5, warmup=1, lightning={"small": ["vanilla"]}, trl=["small"],
+                    steps=8, warmup=1, lightning={"small": ["vanilla"]}, trl=["small"],
                     loss={"vocab": 8192, "rows": 2048, "chunk_size": 256, "small_rows": 1024}, matmul=(2048, 3),
-                    ablations=["small"], ablation_reps=2, rounds={"small": 2}, flops_probe="30m")
+                    ablations=["small"], ablation_reps=2, rounds={"small": 3}, flops_probe="30m")
     elif args.tiny:
         plan = Plan(pairs=["tiny"], routers={"tiny": ["vanilla", "dopd"]}, steps=1, warmup=0,
                     lightning={"tiny": ["vanilla"]}, trl=["tiny"] if not args.no_trl else [],
