@@ -118,7 +118,7 @@ def _forward(model, cache, fused, ids, rotary, mask, *, start: int) -> torch.Ten
     batch, length = ids.shape
     cos, sin = (t.unsqueeze(1) for t in rotary)
     end = start + length
-    eps = core.norm.variance_epsilon
+    eps = core.norm.variance_epsilon  # every Qwen3 norm uses config.rms_norm_eps
     for layer, (k_cache, v_cache), (w_qkv, w_gate_up, w_qk_norm) in zip(core.layers, cache, fused):
         attn = layer.self_attn
         head_dim = attn.head_dim

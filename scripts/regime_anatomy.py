@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the breakdown here")
     args = ap.parse_args(argv)
 
+    from omegaconf import OmegaConf
+
     from dopd.models import load_pair
     from dopd.pipeline import build_router, build_task, build_view
     from dopd.rollout import sample
@@ -83,8 +85,6 @@ def main(argv=None) -> int:
     cfg = compose(args.overrides)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
-    from omegaconf import OmegaConf
-
     task, router = build_task(cfg.task), build_router(cfg.router)
     pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True), root=ROOT)
     view, r = build_view(cfg, pair.tokenizer), cfg.rollout
