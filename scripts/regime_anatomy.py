@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     from dopd.pipeline import build_router, build_task, build_view
     from dopd.rollout import sample
     from dopd.view import response_logits
+    from dopd.visualize import token_strings
 
     cfg = compose(args.overrides)
     torch.manual_seed(cfg.seed)
@@ -102,8 +103,7 @@ def main(argv=None) -> int:
                   sampled_logprob(student, roll.tokens, router.temperature))
         regime, th = assign_regimes(gap, roll.mask, router.gap)
         thresholds.append(th)
-        pieces = [[pair.tokenizer.decode([t]) for t in row] for row in roll.tokens.tolist()]
-        kinds = [kinds_of(p) if kinds_of else ["token"] * len(p) for p in pieces]
+        kinds = [kinds_of(p) if kinds_of else ["token"] * len(p) for p in token_strings(pair.tokenizer, roll.tokens)]
         c, s = tally(regime, kinds, teacher.argmax(-1) == roll.tokens, gap, roll.mask)
         counts.update(c)
         for key, vals in s.items():
