@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from dopd.evaluation import domain_rows, outcomes
 from dopd.metrics import step_diagnostics
 from dopd.rollout import Rollout, sample
-from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss, sampled_logprob
+from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss
 from dopd.view import PrivilegedView, response_logits
 from dopd.visualize import regime_html, regime_png, rows_from_batch, token_strings
 
@@ -257,7 +257,7 @@ class DistillModule(L.LightningModule):
                   "student_priv": response_logits(self.student, priv, tokens, mask)}
         student_logits = response_logits(self.student, student_ctx, tokens, mask)
         out = routed_loss(self.router, student_logits, tokens, mask, **logits)
-        gap = Gap(sampled_logprob(logits["teacher_priv"], tokens), sampled_logprob(logits["student_priv"], tokens))
+        gap = Gap.from_logits(logits["teacher_priv"], logits["student_priv"], tokens, self.router.temperature)
         regime = out.regime if self.router.routes else assign_regimes(gap, mask, self.router.gap)[0]
         texts = self.view.tok.batch_decode(tokens, skip_special_tokens=True)
         correct = [self.task.is_correct(t, ex) for t, ex in zip(texts, rows)]

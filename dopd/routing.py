@@ -193,6 +193,13 @@ class Gap:
     log_q_teacher: torch.Tensor  # [B, T]
     log_q_student: torch.Tensor  # [B, T]
 
+    @classmethod
+    def from_logits(cls, teacher_priv: torch.Tensor, student_priv: torch.Tensor, tokens: torch.Tensor,
+                    temperature: float = 1.0) -> "Gap":
+        """The gap of Eq. 1 from the two privileged passes' logits, at the loss temperature: the one place the
+        training loss, the Fig. 9 pages and `scripts/regime_anatomy.py` all build it."""
+        return cls(sampled_logprob(teacher_priv, tokens, temperature), sampled_logprob(student_priv, tokens, temperature))
+
     @property
     def advantage(self) -> torch.Tensor:
         return (self.log_q_teacher - self.log_q_student).abs()
@@ -268,8 +275,7 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
                              f"{tuple(student_logits.shape)}: passes are not aligned")
     gap = None
     if teacher_priv is not None and student_priv is not None:
-        gap = Gap(sampled_logprob(teacher_priv, tokens, spec.temperature),
-                  sampled_logprob(student_priv, tokens, spec.temperature))
+        gap = Gap.from_logits(teacher_priv, student_priv, tokens, spec.temperature)
     stats: dict[str, float] = {}
     if gap is not None and mask.any():
         regime, thresholds = assign_regimes(gap, mask, spec.gap, generator)

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dopd.routing import REGIMES, Gap, assign_regimes, sampled_logprob  # noqa: E402
+from dopd.routing import REGIMES, Gap, assign_regimes  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             teacher = response_logits(pair.teacher, priv, roll.tokens, roll.mask, roll.n)
             student = response_logits(pair.student, priv, roll.tokens, roll.mask, roll.n)
-        gap = Gap(sampled_logprob(teacher, roll.tokens, router.temperature),
-                  sampled_logprob(student, roll.tokens, router.temperature))
+        gap = Gap.from_logits(teacher, student, roll.tokens, router.temperature)
         regime, th = assign_regimes(gap, roll.mask, router.gap)
         thresholds.append(th)
         kinds = [kinds_of(p) if kinds_of else ["token"] * len(p) for p in token_strings(pair.tokenizer, roll.tokens)]

@@ -336,6 +336,23 @@ def test_ties_follow_the_paper():
     assert regime.tolist() == [[LH, LH, HS, HT]]
 
 
+def test_gap_from_logits_is_eq1_at_the_loss_temperature():
+    """Gap.from_logits (shared by the loss, the Fig. 9 pages and the anatomy script) is log softmax(z / tau) at the
+    sampled token for both privileged passes, against fp64; and it is what routed_loss routes by when tau != 1."""
+    student, priv_s, priv_t, tokens, mask = make_batch(21, 3, 7, 11)
+    for tau in (1.0, 0.5, 2.0):
+        gap = Gap.from_logits(priv_t, priv_s, tokens, tau)
+        for got, logits in ((gap.log_q_teacher, priv_t), (gap.log_q_student, priv_s)):
+            want = torch.log_softmax(logits.double() / tau, -1).gather(-1, tokens[..., None]).squeeze(-1)
+            close(got, want, atol=1e-6)
+        spec = replace(dopd_spec(), temperature=tau)
+        out = routed_loss(spec, student, tokens, mask, teacher_priv=priv_t, student_priv=priv_s)
+        assert torch.equal(out.regime, assign_regimes(gap, mask, spec.gap)[0])
+    # the temperature matters: at 2.0 the gaps are not those at 1.0
+    assert (Gap.from_logits(priv_t, priv_s, tokens, 2.0).advantage - Gap.from_logits(priv_t, priv_s, tokens).advantage
+            ).abs().max() > 1e-2
+
+
 def test_identical_privileged_passes_route_everything_to_ht():
     student, priv_s, _, tokens, mask = make_batch(14, 3, 6, 12, empty_rows=(1,))
     out = dopd_loss(student, priv_s, priv_s.clone(), tokens, mask)
