@@ -75,6 +75,23 @@ def shared_context_group(model, roll: Rollout) -> int:
     return 1 if on else roll.n
 
 
+def lr_schedule(optim: dict, total_steps: int):
+    """The `optim` block's learning-rate multiplier per step: linear warmup, then cosine to `min_lr_ratio` at
+    `total_steps` (or constant). A function of its own so scripts can train with exactly the module's schedule."""
+    warmup, floor = int(optim.get("warmup_steps", 0)), optim.get("min_lr_ratio", 0.0)
+    constant = optim.get("scheduler", "cosine") == "constant"
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if constant:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
 class DistillModule(L.LightningModule):
     def __init__(self, student, teacher, view: PrivilegedView, router: RouterSpec, task, *, rollout: dict,
                  optim: dict, eval: dict, checkpoint_teacher: bool = False):
@@ -169,18 +186,7 @@ class DistillModule(L.LightningModule):
         opt = torch.optim.AdamW(self.student.parameters(), lr=o["lr"], weight_decay=o.get("weight_decay", 0.0),
                                 betas=tuple(o.get("betas", (0.9, 0.999))))
         total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1000)
-        warmup = int(o.get("warmup_steps", 0))
-        floor = o.get("min_lr_ratio", 0.0)
-
-        def schedule(step):
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if o.get("scheduler", "cosine") == "constant":
-                return 1.0
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(o, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation: greedy decoding *without* p on held-out prompts ----------------------------------------------
