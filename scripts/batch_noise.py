@@ -15,8 +15,8 @@ three kinds of data:
 - `teacher`: the router's own loss against the frozen teacher, on the reference solutions instead of samples;
 - `onpolicy`: the router's loss on the student's own samples (a distillation run without Lightning).
 
-Greedy accuracy without p on `data.n_eval` held-out `test` questions is printed every `--every` steps, per
-domain. If `gold` drops as far as `onpolicy`, the drop comes from the step size and the batch, not from
+Greedy accuracy without p on train.py's held-out splits (`data.n_eval` questions each, never trained on) is printed
+every `--every` steps, per split and domain, with the splits' average (the tables' Avg). If `gold` drops as far as `onpolicy`, the drop comes from the step size and the batch, not from
 distillation.
 """
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
 
     from omegaconf import OmegaConf
 
+    from dopd.data import PromptDataModule
     from dopd.evaluation import accuracy_table
     from dopd.models import load_pair
     from dopd.pipeline import build_router, build_task, build_view
@@ -100,14 +101,15 @@ def main(argv=None) -> int:
     task = build_task(cfg.task)
     pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True), root=ROOT)
     view, student = build_view(cfg, pair.tokenizer), pair.student
-    train = task.examples("train", cfg.data.n_train, cfg.data.seed)
-    evals = {"test": task.examples("test", cfg.data.n_eval, cfg.data.seed)}
+    data = PromptDataModule(task, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval, data_seed=cfg.data.seed)
+    data.setup()  # train.py's own split: evaluation questions never trained on
+    train, evals = data.train_examples, data.eval_examples
     steps, o = int(cfg.trainer.max_steps), OmegaConf.to_container(cfg.optim, resolve=True)
     opt = torch.optim.AdamW(student.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(o, steps))
     clip, rng = cfg.trainer.get("gradient_clip_val"), random.Random(cfg.seed)
     print(f"{args.target}: {steps} steps of {cfg.data.batch_size} prompts x {cfg.rollout.n} rows, lr {o['lr']}, "
-          f"router {router.name}; greedy accuracy on {cfg.data.n_eval} test questions")
+          f"router {router.name}; greedy accuracy on {cfg.data.n_eval} questions per held-out split")
 
     curve = []
 
@@ -115,8 +117,7 @@ def main(argv=None) -> int:
         acc = accuracy_table(student, view, task, evals, prefix="acc", max_new_tokens=cfg.rollout.max_new_tokens,
                              batch_size=cfg.eval.batch_size)
         curve.append({"step": step, **{k: round(v, 4) for k, v in acc.items()}})
-        print(f"step {step:4d}  " + "  ".join(f"{k[4:]} {100 * v:5.1f}" for k, v in acc.items() if k != "acc/avg"),
-              flush=True)
+        print(f"step {step:4d}  " + "  ".join(f"{k[4:]} {100 * v:5.1f}" for k, v in acc.items()), flush=True)
 
     evaluate(0)
     for step in range(1, steps + 1):

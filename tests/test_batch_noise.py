@@ -51,7 +51,7 @@ def test_each_target_trains_the_zoo_student_and_writes_its_curve(target, tmp_pat
     assert batch_noise.main(argv) == 0
     curve = json.loads(out.read_text())["curve"]
     assert [c["step"] for c in curve] == [0, 1, 2]
-    assert all(0.0 <= c["acc/test"] <= 1.0 for c in curve)
+    assert all(0.0 <= c[k] <= 1.0 for c in curve for k in ("acc/test", "acc/ood", "acc/avg"))
 
 
 def test_a_router_with_privileged_targets_is_refused_with_the_reason():
