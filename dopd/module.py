@@ -191,6 +191,10 @@ class DistillModule(L.LightningModule):
 
     # -- evaluation: greedy decoding *without* p on held-out prompts ----------------------------------------------
     def on_train_start(self):
+        # from_pretrained returns models in eval mode, and Lightning (>= 2.2) keeps each module's mode at fit: without
+        # this the student would train in eval mode, with dropout and HF's gradient checkpointing (which only acts
+        # in training mode) silently off. `train` keeps the teacher in eval mode.
+        self.train()
         if self.eval_cfg.get("at_start", True) and self.global_step == 0:
             if self.eval_cfg.get("teacher_reference", True):
                 self.evaluate(self.teacher, prefix="ref/teacher", routing=False)

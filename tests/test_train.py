@@ -39,6 +39,28 @@ def test_every_router_trains_and_logs(router, tmp_path, tracking_uri):
     assert "config.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
 
 
+def test_a_pretrained_student_trains_in_training_mode(tmp_path, tracking_uri):
+    """from_pretrained loads models in eval mode and Lightning keeps a module's mode at fit, so the module must
+    switch the student to training mode itself (dropout, HF gradient checkpointing); the teacher stays in eval."""
+    cfg = compose_cfg([*FAST, "model=arith_pair", f"logger.tracking_uri={tracking_uri}"], tmp_path)
+    assert cfg.model.student.source == "pretrained"
+    from dopd import pipeline
+
+    modes, real = [], pipeline.DistillModule
+
+    class Spy(real):
+        def training_step(self, batch, batch_idx):
+            modes.append((self.student.training, self.teacher.training))
+            return super().training_step(batch, batch_idx)
+
+    pipeline.DistillModule = Spy
+    try:
+        run(cfg)
+    finally:
+        pipeline.DistillModule = real
+    assert modes and all(m == (True, False) for m in modes)
+
+
 def test_teacher_frozen_out_of_optimizer_and_checkpoint(tmp_path, tracking_uri):
     cfg = compose_cfg([*FAST, "router=dopd", f"logger.tracking_uri={tracking_uri}", "checkpoint_every=1"], tmp_path)
     from dopd import pipeline
