@@ -92,6 +92,14 @@ def lr_schedule(optim: dict, total_steps: int):
     return multiplier
 
 
+def build_optimizer(parameters, optim: dict, total_steps: int):
+    """AdamW and its per-step LambdaLR schedule from the `optim` block: the module's optimizer, and the one
+    `scripts/batch_noise.py` trains with so that its runs differ from a distillation run only in their data."""
+    opt = torch.optim.AdamW(parameters, lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0),
+                            betas=tuple(optim.get("betas", (0.9, 0.999))))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(optim, total_steps))
+
+
 class DistillModule(L.LightningModule):
     def __init__(self, student, teacher, view: PrivilegedView, router: RouterSpec, task, *, rollout: dict,
                  optim: dict, eval: dict, checkpoint_teacher: bool = False):
@@ -182,11 +190,8 @@ class DistillModule(L.LightningModule):
         return None  # Lightning skips the optimiser step when training_step returns None
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        opt = torch.optim.AdamW(self.student.parameters(), lr=o["lr"], weight_decay=o.get("weight_decay", 0.0),
-                                betas=tuple(o.get("betas", (0.9, 0.999))))
         total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1000)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(o, total))
+        opt, sched = build_optimizer(self.student.parameters(), self.optim_cfg, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation: greedy decoding *without* p on held-out prompts ----------------------------------------------

@@ -24,11 +24,22 @@ from dopd.tracking import log_config, make_logger
 from dopd.view import PrivilegedView
 
 log = logging.getLogger(__name__)
-# Expected here: the frozen teacher is in eval mode, and batches are text that the module moves itself.
+# Expected here: the frozen teacher is in eval mode (DistillModule.on_train_start puts the student in training mode),
+# and batches are text that the module moves itself.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 _RULE_KEYS = set(Rule.__dataclass_fields__)
 JOB_FILE = "job.json"
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """train.py's config with these overrides, for scripts that run outside a Hydra app (the same conf/ tree)."""
+    from hydra import compose, initialize_config_dir
+
+    import dopd
+
+    with initialize_config_dir(config_dir=str(dopd.PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def build_router(cfg: DictConfig) -> RouterSpec:

@@ -16,8 +16,8 @@ three kinds of data:
 - `onpolicy`: the router's loss on the student's own samples (a distillation run without Lightning).
 
 Greedy accuracy without p on train.py's held-out splits (`data.n_eval` questions each, never trained on) is printed
-every `--every` steps, per split and domain, with the splits' average (the tables' Avg). If `gold` drops as far as `onpolicy`, the drop comes from the step size and the batch, not from
-distillation.
+every `--every` steps, per split and domain, with the splits' average (the tables' Avg). If `gold` drops as far
+as `onpolicy`, the drop comes from the step size and the batch, not from distillation.
 """
 
 from __future__ import annotations
@@ -34,17 +34,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dopd.module import lr_schedule  # noqa: E402
+from dopd.module import build_optimizer  # noqa: E402
+from dopd.pipeline import compose_config  # noqa: E402
 
 TARGETS = ("gold", "teacher", "onpolicy")
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=["experiment=table1", *overrides])
+    return compose_config(["experiment=table1", *overrides])
 
 
 def gold_batch(view, examples, n):
@@ -105,8 +102,7 @@ def main(argv=None) -> int:
     data.setup()  # train.py's own split: evaluation questions never trained on
     train, evals = data.train_examples, data.eval_examples
     steps, o = int(cfg.trainer.max_steps), OmegaConf.to_container(cfg.optim, resolve=True)
-    opt = torch.optim.AdamW(student.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(o, steps))
+    opt, sched = build_optimizer(student.parameters(), o, steps)
     clip, rng = cfg.trainer.get("gradient_clip_val"), random.Random(cfg.seed)
     print(f"{args.target}: {steps} steps of {cfg.data.batch_size} prompts x {cfg.rollout.n} rows, lr {o['lr']}, "
           f"router {router.name}; greedy accuracy on {cfg.data.n_eval} questions per held-out split")

@@ -25,15 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dopd.pipeline import compose_config  # noqa: E402
 from dopd.routing import REGIMES, Gap, assign_regimes  # noqa: E402
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=["experiment=table1", "router=dopd", *overrides])
+    return compose_config(["experiment=table1", "router=dopd", *overrides])
 
 
 def tally(regime, kinds, right, gap, mask) -> tuple[Counter, dict]:
