@@ -115,9 +115,9 @@ def main(argv=None) -> int:
         curve.append({"step": step, **{k: round(v, 4) for k, v in acc.items()}})
         print(f"step {step:4d}  " + "  ".join(f"{k[4:]} {100 * v:5.1f}" for k, v in acc.items()), flush=True)
 
+    student.train()  # loaded in eval mode; sampling and evaluation restore whatever mode they find
     evaluate(0)
     for step in range(1, steps + 1):
-        student.train()
         loss = step_loss(args.target, student, pair.teacher, view, router, rng.sample(train, cfg.data.batch_size), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
