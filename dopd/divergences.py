@@ -199,6 +199,8 @@ def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
         raise ValueError(f"top-K support {support!r} unknown; choose 'student' or 'target'")
     if k <= 0:
         raise ValueError(f"top_k must be positive, got {k}")
+    if k >= student.shape[-1] and not tail:  # the top-K is the whole vocabulary: the full divergence, in one pass
+        return full_divergence(student, target, divergence, beta, temperature, chunk_size)
     k = min(k, student.shape[-1])
     # Without a tail, autograd keeps only the gathered [rows, K] entries: nothing to recompute in backward.
     return _chunked(lambda s, t: _topk_chunk(s, t, divergence, k, beta, support, tail, temperature), student,

@@ -46,12 +46,13 @@ def step_diagnostics(student_logits: torch.Tensor, targets: dict[str, torch.Tens
         sums[0] += -(p_s * log_s).sum()
         if not rows:
             continue
-        idx = log_s.topk(k, dim=-1).indices
-        s_mass = p_s.gather(-1, idx).sum()
+        whole = k >= vocab  # the top-K is the whole vocabulary: both masses are 1 by definition
+        idx = None if whole else log_s.topk(k, dim=-1).indices
+        s_mass = log_s.shape[0] if whole else p_s.gather(-1, idx).sum()
         for i, t in enumerate(rows.values()):
             log_t = torch.log_softmax(t[start : start + chunk_size].float(), -1)
             sums[1 + 3 * i] += s_mass
-            sums[2 + 3 * i] += log_t.gather(-1, idx).exp().sum()
+            sums[2 + 3 * i] += log_t.shape[0] if whole else log_t.gather(-1, idx).exp().sum()
             sums[3 + 3 * i] += -(log_t.exp() * log_t).sum()
     entropy = sums[0] / n
     values = (sums[1:] / n).tolist()

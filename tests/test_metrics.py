@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from dopd.metrics import distillation_diagnostics, masked_entropy
@@ -27,17 +28,18 @@ def test_masked_entropy_ignores_masked_positions():
     assert float(masked_entropy(logits, torch.zeros_like(mask))) == 0.0
 
 
-def test_one_pass_diagnostics_equal_the_per_target_formulas():
+@pytest.mark.parametrize("top_k", (5, 40, 128))  # below, at and above the vocabulary (the last two: masses are 1)
+def test_one_pass_diagnostics_equal_the_per_target_formulas(top_k):
     """step_diagnostics (chunked, one pass) against direct fp64 formulas, on chunks that split the rows unevenly."""
     from dopd.metrics import step_diagnostics
 
     g = torch.Generator().manual_seed(0)
     s, t1, t2 = (torch.randn(3, 7, 40, generator=g) * 3 for _ in range(3))
     mask = torch.rand(3, 7, generator=g) > 0.3
-    entropy, d = step_diagnostics(s, {"teacher": t1, "student_priv": t2}, mask, top_k=5, chunk_size=4)
+    entropy, d = step_diagnostics(s, {"teacher": t1, "student_priv": t2}, mask, top_k=top_k, chunk_size=4)
     log_s = torch.log_softmax(s[mask].double(), -1)
     assert abs(float(entropy) - float(-(log_s.exp() * log_s).sum(-1).mean())) < 1e-5
-    idx = log_s.topk(5, -1).indices
+    idx = log_s.topk(min(top_k, 40), -1).indices
     for name, t in (("teacher", t1), ("student_priv", t2)):
         log_t = torch.log_softmax(t[mask].double(), -1)
         assert abs(d[f"diag/{name}/student_topk_mass"] - float(log_s.exp().gather(-1, idx).sum(-1).mean())) < 1e-5
