@@ -1,7 +1,7 @@
 """Turn a sweep's MLflow runs into the paper's tables (Tables 1 and 3), curves (Figs. 3 and 8) and sensitivity plots
 (Fig. 10).
 
-    python -m dopd.report EXPERIMENT [--parent RUN_ID | --sweep NAME | --all] [--rows k1,k2] [--paper FILE]
+    python -m dopd.report EXPERIMENT [--parent RUN_ID | --sweep NAME | --all] [--where k=v] [--rows k1,k2] [--paper FILE]
 
 Rows are methods (the keys the sweep varies, `seed` aside), columns the evaluation splits plus Avg; each cell is the
 final-step accuracy in %, mean ± std over seeds. Reference rows (the student at step 0 and the frozen teacher) give
@@ -646,11 +646,19 @@ class Report:
 def report(experiment: str, tracking_uri: str = DEFAULT_URI, *, parent: str | None = None, sweep: str | None = None,
            all_runs: bool = False, rows: list[str] | None = None, baseline: str | None = None,
            curves: tuple[str, ...] = DEFAULT_CURVES, smooth: int = 5, paper: str | Path | None = None,
-           out: str | Path | None = None, log: bool = True) -> Report:
-    """Read the runs, build the tables and figures, write them to `out` and log them on the parent run."""
+           out: str | Path | None = None, log: bool = True, where: dict[str, str] | None = None) -> Report:
+    """Read the runs, build the tables and figures, write them to `out` and log them on the parent run.
+
+    `where` keeps only the runs whose value of each key (as `--rows` reads it: param, tag or group name) matches,
+    e.g. {"task.hint_form": "stepwise"} to leave a control sweep's runs out of an `--all` report."""
     client = connect(tracking_uri)
     parent_run, finished, skipped = select_runs(client, experiment, parent, sweep, all_runs)
     runs = [load_run(client, r, tuple(curves)) for r in finished]
+    for key, value in (where or {}).items():
+        seen = sorted({run_value(r, key) for r in runs})
+        runs = [r for r in runs if run_value(r, key) == value]
+        if not runs:
+            raise ReportError(f"--where {key}={value}: no finished run has it; values of {key}: {', '.join(seen)}")
 
     overrides = parent_run.data.tags.get("overrides", "") if parent_run else ""
     swept = sweep_overrides(overrides)
@@ -664,7 +672,8 @@ def report(experiment: str, tracking_uri: str = DEFAULT_URI, *, parent: str | No
 
     source = (f"sweep `{parent_run.info.run_name}` ({parent_run.info.run_id})" if parent_run
               else "all finished runs")
-    note = (f"{len(runs)} finished run(s) in {len(groups)} row(s), grouped by {', '.join(keys)}"
+    note = (f"{len(runs)} finished run(s)" + "".join(f" with {k}={v}" for k, v in (where or {}).items())
+            + f" in {len(groups)} row(s), grouped by {', '.join(keys)}"
             + (" (sweep: `" + " ".join(k + "=" + ",".join(v) for k, v in swept.items()) + "`)" if swept else "") + ". "
             "Final-step accuracy without p in %, mean ± std over seeds (n = seeds; 95% Student-t CIs in report.csv). "
             "**Best** and <u>second</u> per column among the methods. Δ, gain and gap recovered are on "
@@ -734,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     pick.add_argument("--all", action="store_true", help="every finished run of the experiment, not one sweep")
     p.add_argument("--rows", help="comma-separated row keys, e.g. router,task.hint_form (default: the swept keys "
                                   "other than seed, else router)")
+    p.add_argument("--where", metavar="KEY=VALUE", action="append", default=[],
+                   help="keep only the runs with this value of a key (repeatable), e.g. task.hint_form=stepwise")
     p.add_argument("--baseline", metavar="ROW", help="row label for the Δ column (default: the matching vanilla row)")
     p.add_argument("--curves", default=",".join(DEFAULT_CURVES), help="comma-separated metrics to plot over steps "
                                                                       "('' for none)")
@@ -742,11 +753,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default outputs/reports/EXPERIMENT, under the current folder)")
     p.add_argument("--no-log", action="store_true", help="do not log the report as artifacts on the parent run")
     a = p.parse_args(argv)
+    bad = [w for w in a.where if "=" not in w]
+    if bad:
+        p.error(f"--where takes KEY=VALUE, got {bad[0]!r}")
     try:
         rep = report(a.experiment, a.tracking_uri, parent=a.parent, sweep=a.sweep, all_runs=a.all,
                      rows=[k.strip() for k in a.rows.split(",")] if a.rows else None, baseline=a.baseline,
                      curves=tuple(c for c in a.curves.split(",") if c), smooth=a.smooth, paper=a.paper, out=a.out,
-                     log=not a.no_log)
+                     log=not a.no_log, where=dict(w.split("=", 1) for w in a.where))
     except ReportError as err:
         print(f"dopd-report: {err}", file=sys.stderr)
         return 2

@@ -199,6 +199,18 @@ def test_picking_another_sweep_or_all_runs(store, tmp_path):
     assert everything.tables[0].row("vanilla").n == 4 and not everything.logged
     single = report("single_jobs", uri, all_runs=True, out=tmp_path / "single", curves=())
     assert [r.label for r in single.tables[0].rows if r.kind == "method"] == ["vanilla", "dopd"]
+    seed1 = report("table1", uri, all_runs=True, where={"seed": "1"}, out=tmp_path / "seed1", log=False, curves=())
+    assert {r.label: r.n for r in seed1.tables[0].rows if r.kind == "method"} == {"vanilla": 2, "teacher_priv": 1,
+                                                                                    "dopd": 1}
+    assert "with seed=1 in 3 row(s)" in seed1.markdown
+    with pytest.raises(ReportError, match=r"--where task.hint_form=none: no finished run has it; values of "
+                                          r"task.hint_form: stepwise"):
+        report("table1", uri, all_runs=True, where={"task.hint_form": "none"}, out=tmp_path / "none", log=False)
+    assert main(["table1", "--tracking-uri", uri, "--all", "--where", "seed=2", "--where", "router=dopd", "--no-log",
+                 "--curves", "", "--out", str(tmp_path / "cli")]) == 0
+    assert "| dopd | 64.0 | 22.0 | 43.0 |" in (tmp_path / "cli" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["table1", "--tracking-uri", uri, "--where", "seed"])
 
 
 def test_clear_errors(store, tmp_path, capsys):
