@@ -36,10 +36,9 @@ def step_diagnostics(student_logits: torch.Tensor, targets: dict[str, torch.Tens
     """
     vocab = student_logits.shape[-1]
     sel = mask.bool()
-    if bool(sel.all()):  # views, not copies
-        s, rows = student_logits.detach().reshape(-1, vocab), {k: t.detach().reshape(-1, vocab) for k, t in targets.items()}
-    else:
-        s, rows = student_logits.detach()[sel], {k: t.detach()[sel] for k, t in targets.items()}
+    no_padding = bool(sel.all())  # then read views of the rows, not copies
+    pick = (lambda x: x.detach().reshape(-1, vocab)) if no_padding else (lambda x: x.detach()[sel])
+    s, rows = pick(student_logits), {name: pick(t) for name, t in targets.items()}
     n = s.shape[0]
     if n == 0:
         return torch.tensor(0.0, device=student_logits.device), {}

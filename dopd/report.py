@@ -1,7 +1,8 @@
 """Turn a sweep's MLflow runs into the paper's tables (Tables 1 and 3), curves (Figs. 3 and 8) and sensitivity plots
 (Fig. 10).
 
-    python -m dopd.report EXPERIMENT [--parent RUN_ID | --sweep NAME | --all] [--where k=v] [--rows k1,k2] [--paper FILE]
+    python -m dopd.report EXPERIMENT [--parent RUN_ID | --sweep NAME | --all] [--where k=v] [--rows k1,k2]
+                             [--paper FILE]
 
 Rows are methods (the keys the sweep varies, `seed` aside), columns the evaluation splits plus Avg; each cell is the
 final-step accuracy in %, mean ± std over seeds. Reference rows (the student at step 0 and the frozen teacher) give
