@@ -39,25 +39,22 @@ def test_every_router_trains_and_logs(router, tmp_path, tracking_uri):
     assert "config.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
 
 
-def test_a_pretrained_student_trains_in_training_mode(tmp_path, tracking_uri):
+def test_a_pretrained_student_trains_in_training_mode(tmp_path, tracking_uri, monkeypatch):
     """from_pretrained loads models in eval mode and Lightning keeps a module's mode at fit, so the module must
     switch the student to training mode itself (dropout, HF gradient checkpointing); the teacher stays in eval."""
     cfg = compose_cfg([*FAST, "model=arith_pair", f"logger.tracking_uri={tracking_uri}"], tmp_path)
     assert cfg.model.student.source == "pretrained"
     from dopd import pipeline
 
-    modes, real = [], pipeline.DistillModule
+    modes = []
 
-    class Spy(real):
+    class Spy(pipeline.DistillModule):
         def training_step(self, batch, batch_idx):
             modes.append((self.student.training, self.teacher.training))
             return super().training_step(batch, batch_idx)
 
-    pipeline.DistillModule = Spy
-    try:
-        run(cfg)
-    finally:
-        pipeline.DistillModule = real
+    monkeypatch.setattr(pipeline, "DistillModule", Spy)
+    run(cfg)
     assert modes and all(m == (True, False) for m in modes)
 
 
