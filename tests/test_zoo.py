@@ -51,7 +51,7 @@ def test_default_config_uses_the_cards_task(card):
     assert cfg.task.view.plain == card["view"]["plain"].encode().decode("unicode_escape")
 
 
-@pytest.mark.parametrize("name", ["s", "l"])  # the default pair of the experiments
+@pytest.mark.parametrize("name", ["s", "l", "s_d0", "l_d0"])  # the experiments' default pair, table1_d0's pair
 def test_reasoning_zoo_matches_its_card(name, tmp_path):
     """Re-measure a published zoo model on its card's held-out questions, without p and with the step-wise p."""
     from transformers import AutoModelForCausalLM
