@@ -202,21 +202,32 @@ def topk_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
     if k >= student.shape[-1] and not tail:  # the top-K is the whole vocabulary: the full divergence, in one pass
         return full_divergence(student, target, divergence, beta, temperature, chunk_size)
     k = min(k, student.shape[-1])
-    # Without a tail, autograd keeps only the gathered [rows, K] entries: nothing to recompute in backward.
+    if not tail:
+        # Renormalised on K entries, the divergence is the full divergence of the gathered [rows, K] logits (the
+        # normaliser cancels): its analytic gradient, exactly 0 where the two rows are equal (a self-anchor whose
+        # target is the student itself), and only [rows, K] entries kept for backward.
+        s_k, t_k = gather_topk(student, target.detach(), k, support, chunk_size)
+        return full_divergence(s_k, t_k, divergence, beta, temperature, chunk_size)
     return _chunked(lambda s, t: _topk_chunk(s, t, divergence, k, beta, support, tail, temperature), student,
-                    target.detach(), chunk_size=chunk_size, checkpoint=tail)
+                    target.detach(), chunk_size=chunk_size, checkpoint=True)
+
+
+def gather_topk(student: torch.Tensor, target: torch.Tensor, k: int, support: str = "student",
+                chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' logits [N, K] at the K largest entries of `support`'s row (chosen without gradient, in row
+    chunks: no fp32 [N, V] copy); the student's keep their gradient. The top-K of logits is that of softmax(z / tau)."""
+    chooser = student if support == "student" else target
+    idx = torch.cat([part.detach().topk(k, dim=-1).indices for part in chooser.split(chunk_size)]) \
+        if chooser.shape[0] else chooser.new_zeros((0, k), dtype=torch.long)
+    return student.gather(-1, idx), target.gather(-1, idx)
 
 
 def _topk_chunk(s, t, divergence, k, beta, support, tail, temperature):
+    """Top-K with a tail bucket: each side's K log-probabilities under the full normaliser, plus the rest's mass."""
     s, t = _scaled(s, temperature), _scaled(t, temperature)
-    # Top-K of the logits is the top-K of the probabilities, and renormalising on K entries cancels the full
-    # normaliser: without a tail bucket no [rows, V] log-softmax is ever materialised.
     idx = (s if support == "student" else t).detach().topk(k, dim=-1).indices
-    if tail:
-        ks = _with_tail(s.gather(-1, idx) - torch.logsumexp(s, dim=-1, keepdim=True))
-        kt = _with_tail(t.gather(-1, idx) - torch.logsumexp(t, dim=-1, keepdim=True))
-    else:
-        ks, kt = torch.log_softmax(s.gather(-1, idx), dim=-1), torch.log_softmax(t.gather(-1, idx), dim=-1)
+    ks = _with_tail(s.gather(-1, idx) - torch.logsumexp(s, dim=-1, keepdim=True))
+    kt = _with_tail(t.gather(-1, idx) - torch.logsumexp(t, dim=-1, keepdim=True))
     return divergence_from_logprobs(ks, kt, divergence, beta)
 
 

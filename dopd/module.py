@@ -34,9 +34,10 @@ def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, r
                    section=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Student logits (with grad) and the no-grad target logits the router asks for, all aligned to `roll.tokens`.
 
-    Each context (x, or x with p) is built once and shared by the passes that read it. `section(name)`, a context
-    manager entered around the "student", "teacher" and "student_priv" passes, is how `scripts/bench.py` times
-    this very code; none by default.
+    Each context (x, or x with p) is built once and shared by the passes that read it; where (x, p) is x token for
+    token (an empty p: the control), the privileged passes are the plain ones, so a self-anchor's target is the
+    trained student's own logits, bit for bit. `section(name)`, a context manager entered around the "student",
+    "teacher" and "student_priv" passes, is how `scripts/bench.py` times this very code; none by default.
     """
     section = section or (lambda name: contextlib.nullcontext())
     tokens, mask, need = roll.tokens, roll.mask, router.passes
@@ -44,7 +45,9 @@ def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, r
 
     def context(name):
         if name not in ctx:
-            ctx[name] = view.contexts(roll.examples, privileged=name == "privileged", device=device)
+            built = view.contexts(roll.examples, privileged=name == "privileged", device=device)
+            other = ctx.get("plain" if name == "privileged" else "privileged")
+            ctx[name] = other if other is not None and built.equals(other) else built
         return ctx[name]
 
     with section("student"):
@@ -56,10 +59,12 @@ def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, r
             if "teacher" in need:
                 targets["teacher"] = response_logits(teacher, context("plain"), tokens, mask, roll.n)
             if "teacher_priv" in need:
-                targets["teacher_priv"] = response_logits(teacher, context("privileged"), tokens, mask, roll.n)
+                targets["teacher_priv"] = (targets["teacher"] if "teacher" in targets and
+                                           context("privileged") is context("plain") else
+                                           response_logits(teacher, context("privileged"), tokens, mask, roll.n))
         with section("student_priv"):
             if "student_priv" in need:
-                if router.student_context == "privileged":
+                if context("privileged") is context(router.student_context):
                     targets["student_priv"] = student_logits.detach()
                 else:
                     targets["student_priv"] = response_logits(student, context("privileged"), tokens, mask, roll.n)

@@ -77,8 +77,8 @@ def build_task(cfg: DictConfig):
 
 def build_view(cfg: DictConfig, tokenizer, processor=None) -> PrivilegedView:
     v = cfg.task.view
-    return PrivilegedView(tokenizer, plain=v.plain, privileged=v.privileged, chat=bool(cfg.model.get("chat", False)),
-                          chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {},
+    return PrivilegedView(tokenizer, plain=v.plain, privileged=v.privileged, empty_hint=v.empty_hint,
+                          chat=bool(cfg.model.get("chat", False)), chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {},
                           processor=processor)
 
 

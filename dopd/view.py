@@ -16,6 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dopd.tasks.base import Example
 
+EMPTY_HINT = ("plain", "template")  # what (x, p) is when p is empty: x itself, or the privileged template around ""
+
 
 @dataclass
 class Contexts:
@@ -25,6 +27,12 @@ class Contexts:
     # Vision prompts: pixel_values, image_grid_thw and mm_token_type_ids ([B, L], 1 at image tokens), which the
     # model needs for every pass over this context. Empty for text.
     vision: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def equals(self, other: "Contexts") -> bool:
+        """Token for token the same context (ids, mask and pixels): a pass over one is a pass over the other."""
+        return (self.input_ids.shape == other.input_ids.shape and torch.equal(self.input_ids, other.input_ids)
+                and torch.equal(self.attention_mask, other.attention_mask) and self.vision.keys() == other.vision.keys()
+                and all(torch.equal(v, other.vision[k]) for k, v in self.vision.items()))
 
     def model_inputs(self, response: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Extra forward/generate inputs; token types are extended over an appended response (text tokens)."""
@@ -43,6 +51,11 @@ class PrivilegedView:
     With a `processor` (vision-language models, dopd.vision) each example's image is part of x: the templates
     must contain {image}, where the processor's image tokens go, and `contexts` carries the pixels.
 
+    `empty_hint` says what (x, p) is when p is empty (a task's `hint_form=none`, the control): "plain" (the default)
+    makes it the plain context token for token, so the control differs from its treatment only in p; "template"
+    keeps the privileged template around an empty hint (e.g. "H:\nQ:..."), a different context from x: a
+    hint-shaped but empty context, which moves the student by itself (experiments/RESULTS.md, the true control).
+
     `vocab_size` (default: len(tokenizer)) is the vocabulary every model's logits are cut to. Checkpoints often pad
     their output layer past the tokenizer (Qwen3: 151936 rows for 151669 tokens), by different amounts in a
     teacher and a student; ids past the tokenizer are not tokens, so cutting there makes any two such models
@@ -51,7 +64,7 @@ class PrivilegedView:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, plain: str = "Q:{question}\n",
                  privileged: str = "H:{hint}\nQ:{question}\n", chat: bool = False, chat_kwargs: dict | None = None,
-                 vocab_size: int | None = None, processor=None):
+                 vocab_size: int | None = None, processor=None, empty_hint: str = "plain"):
         for name, tpl in (("plain", plain), ("privileged", privileged)):
             if "{question}" not in tpl:
                 raise ValueError(f"view.{name} template {tpl!r} must contain {{question}}")
@@ -59,9 +72,12 @@ class PrivilegedView:
                 raise ValueError(f"view.{name} template {tpl!r}: " + (
                     "a vision-language model needs {image} in both templates (where the image goes)" if processor
                     is not None else "{image} needs a vision-language model (model.modality: vision)"))
+        if empty_hint not in EMPTY_HINT:
+            raise ValueError(f"task.view.empty_hint={empty_hint!r} is not one of {EMPTY_HINT}")
         if "{hint}" not in privileged:
             raise ValueError(f"view.privileged template {privileged!r} must contain {{hint}}: it is where p goes")
         self.tok, self.plain, self.privileged, self.chat = tokenizer, plain, privileged, chat
+        self.empty_hint = empty_hint
         self.processor = processor
         self.never_sample: list[int] = []  # ids a response may not contain (the model would read them as an image)
         if processor is not None:
@@ -77,6 +93,7 @@ class PrivilegedView:
     # -- text ---------------------------------------------------------------------------------------------------
     def text(self, ex: Example, privileged: bool) -> str:
         fields = {"image": self.image} if self.processor is not None else {}
+        privileged = privileged and (bool(ex.hint) or self.empty_hint == "template")
         body = (self.privileged if privileged else self.plain).format(question=ex.question, hint=ex.hint, **fields)
         if not self.chat:
             return body

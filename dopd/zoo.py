@@ -80,7 +80,7 @@ def build(cfg: DictConfig, root: Path) -> dict:
     vision = s.get("modality", "text") == "vision"
     processor = ImageTextProcessor() if vision else None
     tok, view_cfg = processor.tokenizer if vision else char_tokenizer(), cfg.task.view
-    view = PrivilegedView(tok, plain=view_cfg.plain, privileged=view_cfg.privileged, processor=processor)
+    view = PrivilegedView(tok, **OmegaConf.to_container(view_cfg, resolve=True), processor=processor)
     train, evals = sft_data(task, cfg)
     arch = OmegaConf.to_container(s.arch, resolve=True)
     model = tiny_qwen3_vl(tok, **arch) if vision else tiny_qwen3(len(tok), **arch)
