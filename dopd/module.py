@@ -24,51 +24,69 @@ from torchmetrics import MeanMetric
 
 from dopd.evaluation import domain_rows, outcomes
 from dopd.metrics import step_diagnostics
-from dopd.rollout import Rollout, sample
-from dopd.routing import Gap, RouterSpec, assign_regimes, routed_loss
-from dopd.view import PrivilegedView, response_logits
+from dopd.rollout import Rollout, cat_rollouts, sample
+from dopd.routing import Gap, RouterSpec, Selection, assign_regimes, routed_loss, select_tokens, token_scores
+from dopd.view import Contexts, PrivilegedView, response_logits
 from dopd.visualize import regime_html, regime_png, rows_from_batch, token_strings
 
 
+class ContextCache:
+    """The contexts a rollout's passes read, each built once: x, and x with p. Where (x, p) is x token for token
+    (an empty p: the control) the two are one object, so the privileged passes are the plain ones."""
+
+    def __init__(self, view: PrivilegedView, roll: Rollout, student_context: str, device=None):
+        self.view, self.roll, self.device = view, roll, device
+        self.built = {("privileged" if student_context == "privileged" else "plain"): roll.context}
+
+    def __call__(self, name: str) -> Contexts:
+        if name not in self.built:
+            made = self.view.contexts(self.roll.examples, privileged=name == "privileged", device=self.device)
+            other = self.built.get("plain" if name == "privileged" else "privileged")
+            self.built[name] = other if other is not None and made.equals(other) else made
+        return self.built[name]
+
+
 def forward_passes(student, teacher, view: PrivilegedView, router: RouterSpec, roll: Rollout, device=None,
-                   section=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   section=None, targets: dict[str, torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Student logits (with grad) and the no-grad target logits the router asks for, all aligned to `roll.tokens`.
 
-    Each context (x, or x with p) is built once and shared by the passes that read it; where (x, p) is x token for
-    token (an empty p: the control), the privileged passes are the plain ones, so a self-anchor's target is the
-    trained student's own logits, bit for bit. `section(name)`, a context manager entered around the "student",
-    "teacher" and "student_priv" passes, is how `scripts/bench.py` times this very code; none by default.
+    `targets` already computed for this rollout (the step's statistics pass kept them) are used as they are.
+    Where the privileged student reads the trained student's own context (the control, or a privileged student),
+    its target is the trained pass's logits, detached: bit for bit the student. `section(name)`, a context manager
+    entered around the "student", "teacher" and "student_priv" passes, is how `scripts/bench.py` times this very
+    code; none by default.
     """
     section = section or (lambda name: contextlib.nullcontext())
-    tokens, mask, need = roll.tokens, roll.mask, router.passes
-    ctx = {("privileged" if router.student_context == "privileged" else "plain"): roll.context}
-
-    def context(name):
-        if name not in ctx:
-            built = view.contexts(roll.examples, privileged=name == "privileged", device=device)
-            other = ctx.get("plain" if name == "privileged" else "privileged")
-            ctx[name] = other if other is not None and built.equals(other) else built
-        return ctx[name]
-
+    context = ContextCache(view, roll, router.student_context, device)
     with section("student"):
-        student_logits = response_logits(student, context(router.student_context), tokens, mask,
+        student_logits = response_logits(student, context(router.student_context), roll.tokens, roll.mask,
                                          shared_context_group(student, roll))
-    targets = {}
-    with torch.no_grad():
-        with section("teacher"):
-            if "teacher" in need:
-                targets["teacher"] = response_logits(teacher, context("plain"), tokens, mask, roll.n)
-            if "teacher_priv" in need:
-                targets["teacher_priv"] = (targets["teacher"] if "teacher" in targets and
-                                           context("privileged") is context("plain") else
-                                           response_logits(teacher, context("privileged"), tokens, mask, roll.n))
-        with section("student_priv"):
-            if "student_priv" in need:
-                if context("privileged") is context(router.student_context):
-                    targets["student_priv"] = student_logits.detach()
-                else:
-                    targets["student_priv"] = response_logits(student, context("privileged"), tokens, mask, roll.n)
+    own = "student_priv" in router.passes and context("privileged") is context(router.student_context)
+    if targets is None:
+        targets = target_passes(student, teacher, router.passes - ({"student_priv"} if own else set()), roll, context, section)
+    if own:
+        targets = {**targets, "student_priv": student_logits.detach()}
     return student_logits, targets
+
+
+@torch.no_grad()
+def target_passes(student, teacher, need: set[str], roll: Rollout, context: ContextCache,
+                  section=None) -> dict[str, torch.Tensor]:
+    """The no-grad passes in `need` (of TARGETS) over one rollout: teacher|x, teacher|x,p, student|x,p (logits)."""
+    section = section or (lambda name: contextlib.nullcontext())
+    tokens, mask, out = roll.tokens, roll.mask, {}
+    with section("teacher"):
+        if "teacher" in need:
+            out["teacher"] = response_logits(teacher, context("plain"), tokens, mask, roll.n)
+        if "teacher_priv" in need:
+            same = "teacher" in out and context("privileged") is context("plain")
+            out["teacher_priv"] = out["teacher"] if same else response_logits(teacher, context("privileged"), tokens,
+                                                                               mask, roll.n)
+    with section("student_priv"):
+        if "student_priv" in need:
+            out["student_priv"] = response_logits(student, context("privileged"), tokens, mask, roll.n)
+    return out
 
 
 def shared_context_group(model, roll: Rollout) -> int:
@@ -107,7 +125,7 @@ def build_optimizer(parameters, optim: dict, total_steps: int):
 
 class DistillModule(L.LightningModule):
     def __init__(self, student, teacher, view: PrivilegedView, router: RouterSpec, task, *, rollout: dict,
-                 optim: dict, eval: dict, checkpoint_teacher: bool = False):
+                 optim: dict, eval: dict, checkpoint_teacher: bool = False, gradient_clip_val: float | None = None):
         super().__init__()
         self.student, self.teacher, self.view, self.router, self.task = student, teacher, view, router, task
         self.rollout_cfg, self.optim_cfg, self.eval_cfg = dict(rollout), dict(optim), dict(eval)
@@ -116,6 +134,8 @@ class DistillModule(L.LightningModule):
         self.strict_loading = False  # the teacher is not in checkpoints unless asked for
         self.prune_generator = torch.Generator()
         self.nonfinite_steps = 0
+        self.automatic_optimization = False  # one step = the step's rollouts over its micro-batches (training_step)
+        self.gradient_clip_val = gradient_clip_val
         self.step_metrics: dict[str, float] = {}  # the last training step's metrics
         self._evaluated_at = -1  # the optimizer step of the student's latest evaluation
 
@@ -135,37 +155,124 @@ class DistillModule(L.LightningModule):
                       max_new_tokens=r["max_new_tokens"], temperature=r["temperature"], top_p=r["top_p"],
                       top_k=r.get("top_k", 0), engine=r.get("engine", "auto"))
 
-    def forward_passes(self, roll: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return forward_passes(self.student, self.teacher, self.view, self.router, roll, self.device)
+    def forward_passes(self, roll: Rollout, targets: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return forward_passes(self.student, self.teacher, self.view, self.router, roll, self.device, targets=targets)
 
     def training_step(self, batch, batch_idx):
-        roll = self.rollouts(batch)
-        student_logits, targets = self.forward_passes(roll)
-        out = routed_loss(self.router, student_logits, roll.tokens, roll.mask, generator=self.prune_generator, **targets)
-        if not torch.isfinite(out.loss):
-            return self._skip_nonfinite(out.loss)
-        with torch.no_grad():
-            entropy, diag = step_diagnostics(student_logits, targets, roll.mask, self.diag_top_k)
-        self._warn_if_uniform(diag)
-        n = len(roll.examples)
-        metrics = {"train/loss": out.loss.detach(), "train/entropy": entropy,
-                   "train/response_len": roll.lengths.float().mean(),
+        """One optimizer step (Eq. 11 over all of its rollouts), whatever its cut into calls and micro-batches:
+
+        1. every rollout of the step is sampled from the same weights, `rollout.batch_size` rows per call;
+        2. the rows are cut into loss micro-batches of `optim.micro_batch_size`;
+        3. with `router.gap.scope=step`, the router's selection (DOPD's bars, EOPD/TIP's, pruning) is made once over
+           the step's tokens on every process (`step_selection`), then each micro-batch's loss uses its share;
+        4. each micro-batch's loss is its sequences' share of the step's mean and is backpropagated at once, so the
+           summed gradient is the whole step's; then one clipped optimizer step, and the evaluation it is due.
+        """
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        parts = self.micro_batches(self.step_rollouts(batch))
+        opt.zero_grad()
+        loss, merged = self.step_gradient(parts)
+        if not torch.isfinite(loss):  # on every process alike: the step is skipped everywhere
+            opt.zero_grad()
+            return self._skip_nonfinite(loss)
+        if self.gradient_clip_val:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        roll = cat_rollouts(parts, self.view.tok.pad_token_id)
+        metrics = {"train/loss": loss, "train/response_len": roll.lengths.float().mean(),
                    "train/eos_rate": (roll.tokens == self.view.tok.eos_token_id).any(-1).float().mean(),
                    "train/reward": self._accuracy(roll)}
-        metrics.update({f"train/{k}": v for k, v in out.stats.items()})
-        metrics.update({f"train/{k}": v for k, v in diag.items()})
+        metrics.update({f"train/{k}": v for k, v in merged.items()})
+        self._warn_if_uniform(merged)
         self.step_metrics = _floats(metrics)
-        self._log_step(self.step_metrics)
-        self.log("loss", out.loss.detach(), prog_bar=True, on_step=True, batch_size=n, logger=False)
-        return out.loss
+        self._log_step(self.step_metrics, self.global_step - 1)  # at the step's index (0 for the first update)
+        self.log("loss", loss, prog_bar=True, on_step=True, batch_size=len(batch), logger=False)
+        self.evaluate_if_due()
 
-    def _log_step(self, metrics: dict[str, float]) -> None:
+    def step_gradient(self, parts: list[Rollout]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Accumulate the step's gradient over its micro-batches into the student's .grad; returns the step's loss
+        (summed over processes) and its figures. Each micro-batch is backpropagated as soon as its loss is known,
+        so one micro-batch's passes are in memory at a time."""
+        selections, kept = self.step_selection(parts)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        n_seq = int(self._sum_over_ranks(sum(int((p.lengths > 0).sum()) for p in parts)))
+        loss, logs = torch.zeros((), device=self.device), []
+        for part, selection, targets in zip(parts, selections, kept):
+            student_logits, targets = self.forward_passes(part, targets)
+            out = routed_loss(self.router, student_logits, part.tokens, part.mask, generator=self.prune_generator,
+                              selection=selection, n_sequences=max(1, n_seq), **targets)
+            scaled = out.loss * world  # DDP averages over processes; the loss is already the step's share
+            if self._trainer is not None:
+                self.manual_backward(scaled)
+            else:  # outside a Trainer (tests, scripts): the same gradient
+                scaled.backward()
+            loss = loss + out.loss.detach()
+            with torch.no_grad():
+                entropy, diag = step_diagnostics(student_logits, targets, part.mask, self.diag_top_k)
+            logs.append((int(part.mask.sum()), {"entropy": entropy, **out.stats, **diag}))
+            del student_logits, targets, out
+        return self._sum_over_ranks(loss), _token_weighted(logs, keep=selections[0])
+
+    def step_rollouts(self, batch) -> list[Rollout]:
+        """All of the step's rollouts on this process, from the same weights, in calls of `rollout.batch_size` rows
+        (null: one call for all of them)."""
+        n = self.rollout_cfg["n"]
+        per_call = max(1, (self.rollout_cfg.get("batch_size") or len(batch) * n) // n)  # prompts per call
+        return [self.rollouts(batch[i : i + per_call]) for i in range(0, len(batch), per_call)]
+
+    def micro_batches(self, calls: list[Rollout]) -> list[Rollout]:
+        """The step's rows cut into loss micro-batches of `optim.micro_batch_size` rows (null: one), each with its
+        own context; a call that is exactly one micro-batch is used as it is."""
+        total = sum(c.tokens.shape[0] for c in calls)
+        rows = self.optim_cfg.get("micro_batch_size") or total
+        if all(c.tokens.shape[0] == rows for c in calls):
+            return calls
+        step = cat_rollouts(calls, self.view.tok.pad_token_id)
+        privileged = self.router.student_context == "privileged"
+        return [step.rows(i, min(i + rows, total), self.view, privileged) for i in range(0, total, rows)]
+
+    @torch.no_grad()
+    def step_selection(self, parts: list[Rollout]) -> tuple[list, list]:
+        """With `router.gap.scope=step`: the router's selection over every response token of the step, on every
+        process, cut back into each micro-batch's share; and the target logits this pass computed, for the loss
+        to reuse (`optim.keep_targets`; else the loss recomputes them, one micro-batch's at a time in memory).
+        Nothing to do (None for each part) when the router selects nothing or the step is one batch already."""
+        none = [None] * len(parts)
+        spec = self.router
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if not spec.selects or spec.gap.scope == "micro_batch" or (len(parts) == 1 and world == 1):
+            return none, none
+        scores, kept, counts = [], [], []
+        for part in parts:
+            context = ContextCache(self.view, part, spec.student_context, self.device)
+            targets = target_passes(self.student, self.teacher, spec.passes, part, context)
+            student = (response_logits(self.student, context(spec.student_context), part.tokens, part.mask, part.n)
+                       if spec.grouping == "tip" else None)
+            tokens = part.tokens.masked_fill(~part.mask, 0)
+            scores.append({k: v[part.mask] for k, v in token_scores(spec, tokens, student, targets).items()})
+            counts.append(int(part.mask.sum()))
+            kept.append(targets if self.optim_cfg.get("keep_targets", True) else None)
+        flat = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
+        offset, total = _rank_offset(sum(counts), world)
+        flat = {k: _gather_cat(v) for k, v in flat.items()}
+        selection = select_tokens(spec, flat, total, self.prune_generator)
+        mine = slice(offset, offset + sum(counts))
+        return Selection(selection.group[mine], selection.regime[mine], selection.stats).split(counts), kept
+
+    def _sum_over_ranks(self, value) -> torch.Tensor:
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
+
+    def _log_step(self, metrics: dict[str, float], step: int) -> None:
         """This rank's step metrics straight to the loggers (rank zero, every trainer.log_every_n_steps), as
         Lightning's on-step logging does: `self.log` costs ~2 ms per key, a tenth of a small CPU step at 20 keys."""
         every = max(1, int(self.trainer.log_every_n_steps or 1))
-        if self.trainer.is_global_zero and (self.global_step + 1) % every == 0:
+        if self.trainer.is_global_zero and (step + 1) % every == 0:
             for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.global_step)
+                logger.log_metrics(metrics, step=step)
 
     @property
     def diag_top_k(self) -> int:
@@ -192,7 +299,7 @@ class DistillModule(L.LightningModule):
             raise FloatingPointError(
                 f"loss was NaN/inf on {self.nonfinite_steps} steps (limit optim.max_nonfinite_steps={limit}); "
                 "check the teacher weights and the learning rate")
-        return None  # Lightning skips the optimiser step when training_step returns None
+        return None  # no optimizer step: trainer.global_step stays, the next batch tries again
 
     def configure_optimizers(self):
         total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1000)
@@ -210,15 +317,16 @@ class DistillModule(L.LightningModule):
                 self.evaluate(self.teacher, prefix="ref/teacher", routing=False)
             self.evaluate()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        every = self.eval_cfg.get("every", 0)
-        step = self.global_step
-        # With trainer.accumulate_grad_batches > 1 several batches end at the same optimizer step: evaluate once.
-        if every and step % every == 0 and step < self.trainer.max_steps and step != self._evaluated_at:
+    def evaluate_if_due(self):
+        """After an optimizer step: every `eval.every` steps and at `trainer.max_steps`. Inside the step, so before
+        the checkpoint of the same step is written: a crash during it redoes it on resume, never loses it."""
+        every, step = self.eval_cfg.get("every", 0), self.global_step
+        if (every and step % every == 0) or step == self.trainer.max_steps:
             self.evaluate()
 
     def on_train_end(self):
-        self.evaluate()
+        if self._evaluated_at != self.global_step:  # training ended other than at max_steps
+            self.evaluate()
 
     @torch.no_grad()
     @torch.random.fork_rng()  # pass@k sampling must not shift the training RNG stream
@@ -301,6 +409,7 @@ class DistillModule(L.LightningModule):
         if not self.checkpoint_teacher:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["dopd"] = {"router": asdict(self.router), "nonfinite_steps": self.nonfinite_steps,
+                              "last_eval": getattr(self, "last_eval", {}),
                               "prune_generator": self.prune_generator.get_state(),
                               "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                       "numpy": _numpy_state_to_tensor(np.random.get_state())}}
@@ -308,6 +417,8 @@ class DistillModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         extra = checkpoint.get("dopd", {})
         self.nonfinite_steps = extra.get("nonfinite_steps", 0)
+        if extra.get("last_eval"):  # a run resumed at its end still returns its final evaluation
+            self.last_eval = extra["last_eval"]
         if "prune_generator" in extra:
             self.prune_generator.set_state(extra["prune_generator"])
         if "rng" in extra:  # sampling continues exactly where the interrupted run was
@@ -343,3 +454,37 @@ def _mean(values, device) -> float:
     metric = MeanMetric().to(device)
     metric.update(torch.tensor([float(v) for v in values] or [float("nan")], device=device))
     return float(metric.compute())
+
+
+def _token_weighted(logs: list[tuple[int, dict]], keep=None) -> dict[str, float]:
+    """The step's figures from its micro-batches': each weighted by its response tokens (exact for fractions and
+    means over all tokens; a mean over a regime's tokens or a quantile is approximate). The bars of a step-wide
+    selection are the same in every micro-batch and stay as they are."""
+    total = sum(n for n, _ in logs) or 1
+    keys = dict.fromkeys(k for _, stats in logs for k in stats)
+    return {k: sum(n * float(stats[k]) for n, stats in logs if k in stats) / total
+            if keep is None or k not in keep.stats else keep.stats[k] for k in keys}
+
+
+def _rank_offset(n: int, world: int) -> tuple[int, int]:
+    """Where this process's n tokens start among every process's, and how many there are in all."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return 0, n
+    sizes = [None] * world
+    torch.distributed.all_gather_object(sizes, n)
+    rank = torch.distributed.get_rank()
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Every process's 1-D tensor, concatenated in rank order (lengths may differ)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return x
+    world = torch.distributed.get_world_size()
+    sizes = [None] * world
+    torch.distributed.all_gather_object(sizes, x.numel())
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])

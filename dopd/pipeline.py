@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # and batches are text that the module moves itself.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
+# Checkpoints hold the state after the step's optimizer update, which is what a resume continues from.
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 _RULE_KEYS = set(Rule.__dataclass_fields__)
 JOB_FILE = "job.json"
 
@@ -80,6 +82,43 @@ def build_view(cfg: DictConfig, tokenizer, processor=None) -> PrivilegedView:
     return PrivilegedView(tokenizer, plain=v.plain, privileged=v.privileged, empty_hint=v.empty_hint,
                           chat=bool(cfg.model.get("chat", False)), chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {},
                           processor=processor)
+
+
+def world_size(trainer: DictConfig) -> int | None:
+    """Processes the trainer config asks for (devices x num_nodes), or None where Lightning decides ("auto")."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    n = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    return n * int(trainer.get("num_nodes", 1)) if isinstance(n, int) and n > 0 else None
+
+
+def check_step_sizes(cfg: DictConfig) -> None:
+    """One optimizer step's sizes, in one line each before any model loads: data.batch_size prompts over the
+    processes, x rollout.n rows each; generation calls (rollout.batch_size) and loss micro-batches
+    (optim.micro_batch_size) cut a process's rows into whole prompts."""
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={accumulate}: one batch is one optimizer step here; set "
+                         f"data.batch_size to the step's prompts and optim.micro_batch_size to the rows per loss "
+                         f"micro-batch (e.g. data.batch_size={cfg.data.batch_size * accumulate} "
+                         f"optim.micro_batch_size={cfg.data.batch_size * cfg.rollout.n})")
+    prompts, n, world = int(cfg.data.batch_size), int(cfg.rollout.n), world_size(cfg.trainer) or 1
+    if prompts <= 0 or n <= 0:
+        raise ValueError(f"data.batch_size={prompts} and rollout.n={n} must be > 0")
+    if prompts % world:
+        raise ValueError(f"data.batch_size={prompts} must be divisible by the {world} processes "
+                         f"(e.g. data.batch_size={max(world, prompts - prompts % world)})")
+    rows = prompts // world * n
+    for key, value in (("rollout.batch_size", cfg.rollout.get("batch_size")),
+                       ("optim.micro_batch_size", cfg.optim.get("micro_batch_size"))):
+        if value is None:
+            continue
+        valid = [k for k in range(n, rows + 1, n) if rows % k == 0]
+        if not isinstance(value, int) or value not in valid:
+            raise ValueError(f"{key}={value!r} must be a whole number of prompts' rollouts that divides a process's "
+                             f"{rows} rows per step ({prompts // world} prompts x rollout.n={n}): one of {valid}, "
+                             "or null")
 
 
 def build_strategy(spec):
@@ -152,6 +191,7 @@ def run(cfg: DictConfig) -> float:
     if cfg.get("stage", "distill") != "distill":
         raise ValueError(f"stage={cfg.stage!r} is not one of distill, sft")
     router = build_router(cfg.router)  # validate cheap things before loading models or touching MLflow
+    check_step_sizes(cfg)
     previous = find_resumable(cfg) if cfg.get("resume") else None
     if previous is not None:
         cfg.logger.run_id = previous["mlflow_run_id"]
@@ -175,15 +215,17 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     view = build_view(cfg, pair.tokenizer, pair.processor)
     data = PromptDataModule(task, batch_size=cfg.data.batch_size, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval,
                             seed=cfg.seed, data_seed=cfg.data.seed)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # The module clips in its own optimizer step (training_step: one step over the step's micro-batches).
+    clip = trainer_kwargs.pop("gradient_clip_val", None)
     module = DistillModule(pair.student, pair.teacher, view, router, task, rollout=cfg.rollout, optim=cfg.optim,
-                           eval=cfg.eval, checkpoint_teacher=cfg.checkpoint_teacher)
+                           eval=cfg.eval, checkpoint_teacher=cfg.checkpoint_teacher, gradient_clip_val=clip)
     out = Path(previous["dir"]) if previous else run_dir()
     if previous is None:  # a resumed run already has its params; MLflow refuses to change them
         log_config(logger, cfg, out)
     write_job_file(cfg, out, logger.run_id)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.get("checkpoint_every", 50))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"))
     callbacks = [ckpt]
     if trainer_kwargs.get("enable_progress_bar", True):

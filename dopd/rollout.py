@@ -30,6 +30,30 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)
 
+    def rows(self, start: int, stop: int, view: PrivilegedView, privileged: bool) -> "Rollout":
+        """Rows [start, stop) as a rollout of their own: the context rebuilt for them alone (left-padded to their
+        longest prompt), the responses cut to their longest one. Same logits at every response position (padding
+        is masked out of attention and positions), so a step's loss can run over any cut into micro-batches."""
+        if start % self.n or stop % self.n:
+            raise ValueError(f"rows [{start}, {stop}) split a prompt's {self.n} rollouts")
+        mask = self.mask[start:stop]
+        width = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
+        examples = self.examples[start:stop]
+        ctx = view.contexts(examples, privileged=privileged, device=self.tokens.device)
+        return Rollout(examples, ctx, self.tokens[start:stop, :width], mask[:, :width], self.texts[start:stop], self.n)
+
+
+def cat_rollouts(rolls: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of several generation calls' rows, responses right-padded to the longest. Its `context` is the
+    first call's, not the rows' own: cut it with `Rollout.rows` before any pass."""
+    if len(rolls) == 1:
+        return rolls[0]
+    width = max(r.tokens.shape[1] for r in rolls)
+    tokens = torch.cat([torch.nn.functional.pad(r.tokens, (0, width - r.tokens.shape[1]), value=pad_id) for r in rolls])
+    mask = torch.cat([torch.nn.functional.pad(r.mask, (0, width - r.mask.shape[1]), value=False) for r in rolls])
+    return Rollout([ex for r in rolls for ex in r.examples], rolls[0].context, tokens, mask,
+                   [t for r in rolls for t in r.texts], rolls[0].n)
+
 
 def response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """True up to and including the first EOS of each row; the whole row when it has none."""

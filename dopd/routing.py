@@ -37,6 +37,7 @@ GROUPINGS = {
 }
 TARGETS = ("teacher", "teacher_priv", "student_priv")
 PRUNE_BY = ("random", "low_gap", "high_gap")
+SELECTION_SCOPES = ("step", "micro_batch")
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,14 @@ class GapSpec:
     trim: str = "all"  # all: trim A, q_S and q_T | gap: trim A only, plain means for q_S and q_T
     normalize: str = "none"  # none: raw values | zscore: per-statistic z-scores (changes only the LH/LL split)
     assign: str = "gap"  # gap: the rule above | random: shuffle the regime labels (same mix, no advantage-awareness)
+    # The batch every batch statistic is taken over (these bars, the EOPD/TIP selections' bars, pruning): step is the
+    # optimizer step's response tokens, over its loss micro-batches and processes (the paper's batch); micro_batch
+    # is each loss micro-batch on its own.
+    scope: str = "step"
 
     def __post_init__(self):
+        if self.scope not in SELECTION_SCOPES:
+            raise ValueError(f"router.gap.scope={self.scope!r} is not one of {SELECTION_SCOPES}")
         if not 0.0 <= self.trim_top < 1.0:
             raise ValueError(f"router.gap.trim_top must lie in [0, 1), got {self.trim_top}")
         if self.trim not in ("all", "gap"):
@@ -152,10 +159,34 @@ class RouterSpec:
         return need
 
     @property
+    def group_names(self) -> tuple[str, ...]:
+        return GROUPINGS[self.grouping]
+
+    @property
+    def selects(self) -> bool:
+        """True when which rule a token gets depends on batch statistics (groupings other than `all`, pruning)."""
+        return self.grouping != "all" or self.prune.fraction > 0
+
+    @property
     def reference_target(self) -> str:
         """The teacher pass the entropy/tip groupings read: the first rule's target, or the teacher."""
         targets = [r.target for g in self.rules for r in self.rule_list(g)]
         return targets[0] if targets else "teacher"
+
+
+@dataclass
+class Selection:
+    """A router's per-token decisions over a set of response tokens (flat, in row-major mask order): which group
+    each token's rules come from (an index into `spec.group_names`, -1 pruned), its gap regime (-1 when no gap is
+    computed), and the batch statistics they were made with. Made by `select_tokens` over any set of tokens: one
+    batch, or a whole optimizer step that is then cut back into its micro-batches with `split`."""
+
+    group: torch.Tensor  # [N] long
+    regime: torch.Tensor  # [N] long
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def split(self, sizes: list[int]) -> list["Selection"]:
+        return [Selection(g, r, self.stats) for g, r in zip(self.group.split(sizes), self.regime.split(sizes))]
 
 
 @dataclass
@@ -207,26 +238,28 @@ class Gap:
 
 def assign_regimes(gap: Gap, mask: torch.Tensor, spec: GapSpec = GapSpec(),
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Regime id per token (-1 outside the mask) and the thresholds used."""
-    a, q_s, q_t = gap.advantage, gap.log_q_student.exp(), gap.log_q_teacher.exp()
-    va, vs, vt = a[mask], q_s[mask], q_t[mask]
+    """Regime id per token [B, T] (-1 outside the mask) and the thresholds used, over this batch's tokens."""
+    flat, stats = regimes_of(gap.advantage[mask], gap.log_q_student[mask].exp(), gap.log_q_teacher[mask].exp(),
+                             spec, generator)
+    return torch.full(mask.shape, -1, dtype=torch.long, device=mask.device).masked_scatter(mask, flat), stats
+
+
+def regimes_of(a: torch.Tensor, q_s: torch.Tensor, q_t: torch.Tensor, spec: GapSpec = GapSpec(),
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DOPD rule on a flat set of tokens [N] (a batch, or a whole step): regime ids 0=LH 1=LL 2=HT 3=HS and
+    the bars A_bar, qS_bar, qT_bar, each the trimmed mean over exactly these tokens."""
     trim_q = spec.trim_top if spec.trim == "all" else 0.0
-    a_bar = trimmed_mean(va, spec.trim_top)
+    a_bar = trimmed_mean(a, spec.trim_top)
+    qs_bar, qt_bar = trimmed_mean(q_s, trim_q), trimmed_mean(q_t, trim_q)
     if spec.normalize == "zscore":
         # z-scores with the trimmed set's mean and std; the threshold in z-space is 0 for each statistic.
-        conf = _zscore(q_s, vs, trim_q) + _zscore(q_t, vt, trim_q)
-        high_conf = conf >= 0
-        qs_bar, qt_bar = trimmed_mean(vs, trim_q), trimmed_mean(vt, trim_q)
+        high_conf = (_zscore(q_s, q_s, trim_q) + _zscore(q_t, q_t, trim_q)) >= 0
     else:
-        qs_bar, qt_bar = trimmed_mean(vs, trim_q), trimmed_mean(vt, trim_q)
         high_conf = (q_s + q_t) >= (qs_bar + qt_bar)
-    low = a < a_bar
-    regime = torch.where(low, torch.where(high_conf, 0, 1), torch.where(q_t >= q_s, 2, 3))
-    if spec.assign == "random":  # same regime mix, labels shuffled across the batch's tokens
-        labels = regime[mask]
-        perm = torch.randperm(labels.numel(), generator=generator, device="cpu").to(labels.device)
-        regime = regime.masked_scatter(mask, labels[perm])
-    regime = regime.masked_fill(~mask, -1)
+    regime = torch.where(a < a_bar, torch.where(high_conf, 0, 1), torch.where(q_t >= q_s, 2, 3))
+    if spec.assign == "random":  # same regime mix, labels shuffled across the tokens
+        perm = torch.randperm(regime.numel(), generator=generator, device="cpu").to(regime.device)
+        regime = regime[perm]
     return regime, {"a_bar": float(a_bar), "qs_bar": float(qs_bar), "qt_bar": float(qt_bar)}
 
 
@@ -239,30 +272,98 @@ def _zscore(x: torch.Tensor, valid: torch.Tensor, trim_top: float) -> torch.Tens
 
 
 def prune_mask(mask: torch.Tensor, spec: PruneSpec, gap: Gap | None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Tokens kept after dropping `fraction` of the masked-in ones (Fig. 4)."""
-    if spec.fraction <= 0:
-        return mask
-    n = int(mask.sum())
+    """Tokens kept [B, T] after dropping `fraction` of the masked-in ones (Fig. 4)."""
+    kept = pruned_keep(int(mask.sum()), spec, None if gap is None else gap.advantage[mask], generator)
+    return mask.clone().masked_scatter(mask, kept)
+
+
+def pruned_keep(n: int, spec: PruneSpec, advantage: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which of n tokens [N] stay after dropping floor(fraction * n): at random, or those of highest/lowest A."""
+    device = advantage.device if advantage is not None else None
+    keep = torch.ones(n, dtype=torch.bool, device=device)
     drop = int(spec.fraction * n)
     if drop == 0:
-        return mask
+        return keep
     if spec.by == "random":
-        score = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device)
+        score = torch.rand(n, generator=generator, device="cpu").to(keep.device)
     else:
-        if gap is None:
+        if advantage is None:
             raise ValueError("pruning by gap needs the privileged teacher and student passes")
-        score = gap.advantage if spec.by == "high_gap" else -gap.advantage
-    flat = score.masked_fill(~mask, float("-inf")).flatten()
-    out = mask.clone().flatten()
-    out[flat.topk(drop).indices] = False
-    return out.view_as(mask)
+        score = advantage if spec.by == "high_gap" else -advantage
+    keep[score.topk(drop).indices] = False
+    return keep
+
+
+# -- which rule each token gets: per-token scores, then a selection over any set of tokens ---------------------
+@torch.no_grad()
+def token_scores(spec: RouterSpec, tokens: torch.Tensor, student_logits: torch.Tensor | None,
+                 targets: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The per-token numbers [B, T] a router's selection reads: the gap's two log-probabilities (when both
+    privileged passes ran), the teacher's entropy (entropy grouping), the student's entropy and its disagreement
+    with the reference teacher at the sampled token (tip grouping). Small: what a step keeps of its passes to
+    select over all of its tokens at once."""
+    out = {}
+    if targets.get("teacher_priv") is not None and targets.get("student_priv") is not None:
+        gap = Gap.from_logits(targets["teacher_priv"], targets["student_priv"], tokens, spec.temperature)
+        out.update(log_q_teacher=gap.log_q_teacher, log_q_student=gap.log_q_student)
+    if spec.grouping == "entropy":
+        out["teacher_entropy"] = token_entropy(targets[spec.reference_target])
+    if spec.grouping == "tip":
+        ref = targets[spec.reference_target]
+        out["student_entropy"] = token_entropy(student_logits)
+        out["disagree"] = (sampled_logprob(ref, tokens, spec.temperature)
+                           - sampled_logprob(student_logits, tokens, spec.temperature)).abs()
+    return out
+
+
+@torch.no_grad()
+def select_tokens(spec: RouterSpec, scores: dict[str, torch.Tensor], n: int,
+                  generator: torch.Generator | None = None) -> Selection:
+    """The router's decisions over n tokens from their flat scores [N] (`token_scores` at the masked positions):
+    regimes with the bars of exactly these tokens, then pruning, then the grouping's own selection."""
+    device = next(iter(scores.values())).device if scores else None
+    stats: dict[str, float] = {}
+    regime = torch.full((n,), -1, dtype=torch.long, device=device)
+    has_gap = "log_q_teacher" in scores
+    advantage = (scores["log_q_teacher"] - scores["log_q_student"]).abs() if has_gap else None
+    if has_gap and n:
+        regime, thresholds = regimes_of(advantage, scores["log_q_student"].exp(), scores["log_q_teacher"].exp(),
+                                        spec.gap, generator)
+        stats.update({f"gap/{k}": v for k, v in thresholds.items()})
+    keep = pruned_keep(n, spec.prune, advantage, generator)
+    grouping = spec.grouping
+    if grouping == "all":
+        group = torch.zeros(n, dtype=torch.long, device=keep.device)
+    elif grouping == "gap":
+        group = regime.clone()
+    elif grouping == "entropy":
+        # EOPD reading: tokens where the teacher is uncertain (entropy >= its trimmed batch mean) get extra rules.
+        h_t = scores["teacher_entropy"]
+        bar = trimmed_mean(h_t[keep], spec.trim_top)
+        stats["select/teacher_entropy_bar"] = float(bar)
+        group = (h_t >= bar).long()  # 0 low_entropy, 1 high_entropy
+    else:
+        # TIP reading: a token matters when the student is uncertain or disagrees with the teacher at the sampled token.
+        h_s, dis = scores["student_entropy"], scores["disagree"]
+        selected = (h_s >= trimmed_mean(h_s[keep], spec.trim_top)) | (dis >= trimmed_mean(dis[keep], spec.trim_top))
+        stats["select/frac"] = float((selected & keep).sum() / keep.sum().clamp_min(1))
+        group = (~selected).long()  # 0 selected, 1 rest
+    return Selection(group.masked_fill(~keep, -1), regime, stats)
 
 
 # -- the engine -------------------------------------------------------------------------------------------------
 def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *,
                 teacher: torch.Tensor | None = None, teacher_priv: torch.Tensor | None = None,
-                student_priv: torch.Tensor | None = None, generator: torch.Generator | None = None) -> RoutedLoss:
-    """Execute a router on one batch. Logits [B, T, V] with [:, t] predicting tokens[:, t]; mask [B, T] bool."""
+                student_priv: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                selection: Selection | None = None, n_sequences: int | None = None) -> RoutedLoss:
+    """Execute a router on one batch. Logits [B, T, V] with [:, t] predicting tokens[:, t]; mask [B, T] bool.
+
+    `selection` (default: made over this batch's own tokens) is the rule each masked token gets, when it was made
+    over a larger batch (the optimizer step's, `router.gap.scope=step`). `n_sequences` (default: this batch's) is
+    the number of sequences Eq. 11 averages over: with the step's count, the micro-batches' losses add up to the
+    step's loss, and so do their gradients.
+    """
     mask = mask.bool()
     # Masked-out positions may carry any id (e.g. -100 labels); they never reach the loss, so gather at id 0 there.
     tokens = tokens.masked_fill(~mask, 0)
@@ -273,18 +374,14 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
         if targets[name].shape != student_logits.shape:
             raise ValueError(f"{name} logits have shape {tuple(targets[name].shape)}, the student's "
                              f"{tuple(student_logits.shape)}: passes are not aligned")
-    gap = None
-    if teacher_priv is not None and student_priv is not None:
-        gap = Gap.from_logits(teacher_priv, student_priv, tokens, spec.temperature)
-    stats: dict[str, float] = {}
-    if gap is not None and mask.any():
-        regime, thresholds = assign_regimes(gap, mask, spec.gap, generator)
-        stats.update({f"gap/{k}": v for k, v in thresholds.items()})
-    else:
-        regime = torch.full_like(tokens, -1, dtype=torch.long)
-    keep = prune_mask(mask, spec.prune, gap, generator)
+    scores = token_scores(spec, tokens, student_logits, targets)
+    if selection is None:
+        selection = select_tokens(spec, {k: v[mask] for k, v in scores.items()}, int(mask.sum()), generator)
+    unset = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+    regime, group = unset.masked_scatter(mask, selection.regime), unset.masked_scatter(mask, selection.group)
+    groups = {name: group == i for i, name in enumerate(spec.group_names)}
+    stats: dict[str, float] = dict(selection.stats)
 
-    groups = _groups(spec, keep, regime, student_logits, targets, tokens, stats)
     token_loss = torch.zeros(mask.shape, dtype=torch.float32, device=student_logits.device)
     active = {name: sel for name, sel in groups.items()
               if any(rule.weight != 0 for rule in spec.rule_list(name)) and sel.any()}
@@ -309,10 +406,11 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
     has = lengths > 0
     if has.any():
         per_seq = token_loss.sum(-1)[has] / lengths[has]
-        loss = per_seq.mean()
+        loss = per_seq.mean() if n_sequences is None else per_seq.sum() / n_sequences
     else:
         # An empty fp32 sum: 0 with a graph (backward() and DDP still work), fp32 and finite whatever the logits.
         loss = student_logits[..., :0].float().sum()
+    gap = Gap(scores["log_q_teacher"], scores["log_q_student"]) if "log_q_teacher" in scores else None
     stats.update(_regime_stats(regime, token_loss, mask, gap))
     return RoutedLoss(loss=loss, token_loss=token_loss, regime=regime, stats=stats)
 
@@ -331,29 +429,6 @@ def _group_rows(index: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, to
     if len(names) == 1 and sizes[0] == flat.shape[0]:
         return {names[0]: flat}
     return dict(zip(names, flat.index_select(0, torch.cat([index[n] for n in names])).split(sizes)))
-
-
-def _groups(spec: RouterSpec, keep, regime, student_logits, targets, tokens, stats) -> dict[str, torch.Tensor]:
-    """Which kept tokens each group's rules supervise."""
-    grouping = spec.grouping
-    if grouping == "all":
-        return {"all": keep}
-    if grouping == "gap":
-        return {r: keep & (regime == i) for i, r in enumerate(REGIMES)}
-    ref = targets[spec.reference_target]
-    if grouping == "entropy":
-        # EOPD reading: tokens where the teacher is uncertain (entropy >= its trimmed batch mean) get extra rules.
-        h_t = token_entropy(ref)
-        bar = trimmed_mean(h_t[keep], spec.trim_top)
-        stats["select/teacher_entropy_bar"] = float(bar)
-        high = keep & (h_t >= bar)
-        return {"low_entropy": keep & ~high, "high_entropy": high}
-    # TIP reading: a token matters when the student is uncertain or disagrees with the teacher at the sampled token.
-    h_s = token_entropy(student_logits)
-    disagree = (sampled_logprob(ref, tokens, spec.temperature) - sampled_logprob(student_logits, tokens, spec.temperature)).abs()
-    selected = keep & ((h_s >= trimmed_mean(h_s[keep], spec.trim_top)) | (disagree >= trimmed_mean(disagree[keep], spec.trim_top)))
-    stats["select/frac"] = float(selected.sum() / keep.sum().clamp_min(1))
-    return {"selected": selected, "rest": keep & ~selected}
 
 
 @torch.no_grad()

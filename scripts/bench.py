@@ -478,13 +478,13 @@ def bench_lightning(w: Workload, spec, steps: int, warmup: int, device, dtype) -
                            rollout={"n": s.n, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
                                     "top_p": 1.0, "top_k": 0},
                            optim={"lr": 3e-4, "warmup_steps": 0, "scheduler": "constant"},
-                           eval={"every": 0, "at_start": False, "routing_samples": 0})
+                           eval={"every": 0, "at_start": False, "routing_samples": 0}, gradient_clip_val=1.0)
     timer, mem = Timer(), PeakMemory(device)
     accel = "gpu" if torch.device(device).type == "cuda" else "cpu"
     precision = "bf16-mixed" if dtype == torch.bfloat16 else "32-true"
     trainer = L.Trainer(accelerator=accel, devices=1, max_steps=warmup + steps, logger=False, precision=precision,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
     torch.manual_seed(1000)
     mem.reset()
     with warnings.catch_warnings():

@@ -14,7 +14,9 @@ from tests.conftest import CONF, FAST
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "train.py", "trainer=ddp_cpu", *FAST, "data.batch_size=4", "router=dopd",
+    # 2 prompts x 2 rollouts per process, in loss micro-batches of 2 rows: DOPD's bars over both processes' tokens
+    cmd = [sys.executable, "train.py", "trainer=ddp_cpu", *FAST, "data.batch_size=4", "optim.micro_batch_size=2",
+           "router=dopd",
            f"logger.tracking_uri={uri}", f"paths.output_dir={tmp_path}"]
     res = subprocess.run(cmd, cwd=CONF.rsplit("/", 1)[0], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

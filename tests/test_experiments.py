@@ -57,10 +57,15 @@ def test_sweep_parent_records_what_the_experiment_sweeps():
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.endswith("_gpu")])
 def test_gpu_variants_take_the_papers_step(name):
-    """The paper's optimizer step (§5): 128 prompts (VLM: 64) x 4 rollouts, lr 5e-6, 200 steps (VLM: 300), reached
-    as micro-batches (trainer.accumulate_grad_batches) so one batch's 150k-vocabulary logits fit on a GPU."""
+    """The paper's optimizer step (§5): 128 prompts (VLM: 64) x 4 rollouts in one batch, lr 5e-6, 200 steps (VLM:
+    300), sampled in calls of rollout.batch_size rows and cut into loss micro-batches (optim.micro_batch_size) so
+    one micro-batch's 150k-vocabulary logits fit on a GPU; the sizes pass the step checks."""
+    from dopd.pipeline import check_step_sizes
+
     cfg = compose_cfg([f"experiment={name}"])
     vision = cfg.model.get("modality") == "vision"
-    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == (64 if vision else 128)
-    assert cfg.trainer.accumulate_grad_batches > 1 and cfg.rollout.n == 4 and cfg.optim.lr == 5e-6
+    assert cfg.data.batch_size == (64 if vision else 128) and "accumulate_grad_batches" not in cfg.trainer
+    assert cfg.optim.micro_batch_size < cfg.data.batch_size * cfg.rollout.n and not cfg.optim.keep_targets
+    assert cfg.rollout.n == 4 and cfg.optim.lr == 5e-6 and cfg.router.gap.get("scope", "step") == "step"
+    check_step_sizes(cfg)
     assert cfg.trainer.max_steps == (300 if vision else 200)

@@ -106,13 +106,14 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path):
     assert len(histories[0]["train/loss"]) == 3
 
 
-def test_gradient_accumulation_evaluates_once_per_optimizer_step(tmp_path, tracking_uri):
-    """Micro-batches (trainer.accumulate_grad_batches, how the GPU configs fit 150k-vocabulary logits) end several
-    batches at one optimizer step; evaluation and the step count follow optimizer steps, not batches."""
-    cfg = compose_cfg([*FAST, "router=dopd", "trainer.accumulate_grad_batches=2", f"logger.tracking_uri={tracking_uri}"],
-                      tmp_path)
+def test_micro_batches_evaluate_once_per_optimizer_step(tmp_path, tracking_uri):
+    """Loss micro-batches (optim.micro_batch_size, how the GPU configs fit 150k-vocabulary logits) and generation
+    calls (rollout.batch_size) cut one optimizer step: evaluation, metrics and the step count follow optimizer steps."""
+    cfg = compose_cfg([*FAST, "router=dopd", "data.batch_size=4", "optim.micro_batch_size=2", "rollout.batch_size=4",
+                       f"logger.tracking_uri={tracking_uri}"], tmp_path)
     run(cfg)
     client, (r,) = _runs(tracking_uri)
     steps = [m.step for m in client.get_metric_history(r.info.run_id, "eval/acc/test")]
     assert steps == [0, 1, 2]
-    assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 4  # 2 optimizer steps x 2 micro-batches
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [0, 1]
+    assert abs(sum(r.data.metrics[f"train/regime/{k}/frac"] for k in ("LH", "LL", "HT", "HS")) - 1) < 1e-6
