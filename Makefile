@@ -11,7 +11,7 @@ ARGS   ?=
 # pytest-xdist processes for the suite (each test runs single-threaded): make test WORKERS=8 on a bigger machine
 WORKERS ?= 2
 
-.PHONY: install train test test-fast sweep zoo ui clean
+.PHONY: install train test test-fast lint sweep zoo ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: install  ## the whole suite (what CI runs)
 
 test-fast: install  ## skip the slow end-to-end sweeps
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow"
+
+lint: install  ## ruff (rules in pyproject.toml); CI runs it after the tests
+	$(BIN)/ruff check .
 
 sweep: install  ## the canonical comparison: vanilla vs DOPD over three seeds, one MLflow parent run
 	$(BIN)/python train.py -m router=vanilla,dopd seed=1,2,3 $(ARGS)

@@ -99,8 +99,8 @@ def full_divergence(student: torch.Tensor, target: torch.Tensor, divergence: str
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if student.requires_grad and torch.is_grad_enabled():
         return _FullDivergence.apply(student, target.detach(), divergence, beta, temperature, chunk_size)
-    return _chunked(lambda s, t: _full_chunk(s, t, divergence, beta, temperature), student, target.detach(),
-                    chunk_size=chunk_size, checkpoint=False)
+    return _chunked(lambda s, t: full_divergence_unchunked(s, t, divergence, beta, temperature), student,
+                    target.detach(), chunk_size=chunk_size, checkpoint=False)
 
 
 class _FullDivergence(torch.autograd.Function):
@@ -119,7 +119,7 @@ class _FullDivergence(torch.autograd.Function):
     def forward(ctx, student, target, divergence, beta, temperature, chunk_size):
         with torch.no_grad():
             if not ctx.needs_input_grad[0]:
-                return torch.cat([_full_chunk(s, t, divergence, beta, temperature)
+                return torch.cat([full_divergence_unchunked(s, t, divergence, beta, temperature)
                                   for s, t in zip(student.split(chunk_size), target.split(chunk_size))])
             value, grad = _full_value_and_grad(student, target, divergence, beta, temperature, chunk_size)
         ctx.save_for_backward(student, target)  # only for a second backward (retain_graph), which recomputes
@@ -180,7 +180,8 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Te
     return torch.mul(a, b, out=scratch[: a.shape[0]]).sum(-1)
 
 
-def _full_chunk(s, t, divergence, beta, temperature):
+def full_divergence_unchunked(s, t, divergence, beta, temperature):
+    """Whole-vocabulary divergence per row, all rows at once in one autograd graph (bench.py's naive baseline)."""
     log_s = torch.log_softmax(_scaled(s, temperature), dim=-1)
     log_t = torch.log_softmax(_scaled(t, temperature), dim=-1)
     return divergence_from_logprobs(log_s, log_t, divergence, beta)

@@ -266,7 +266,8 @@ def regimes_of(a: torch.Tensor, q_s: torch.Tensor, q_t: torch.Tensor, spec: GapS
 def _zscore(x: torch.Tensor, valid: torch.Tensor, trim_top: float) -> torch.Tensor:
     n = valid.numel()
     kept = valid.sort().values[: n - int(trim_top * n)] if n else valid
-    mu = kept.mean() if kept.numel() else x.new_tensor(0.0)
+    # Equal values are their own mean: kept.mean() may be an ulp off, which / (sd ~ 0) would be a z of order 1.
+    mu = torch.where(kept[0] == kept[-1], kept[0], kept.mean()) if kept.numel() else x.new_tensor(0.0)
     sd = kept.std(unbiased=False) if kept.numel() > 1 else x.new_tensor(1.0)
     return (x - mu) / sd.clamp_min(1e-8)
 

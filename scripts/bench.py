@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dopd.divergences import _full_chunk, full_divergence  # noqa: E402  (light imports only at module level)
+# light imports only at module level
+from dopd.divergences import full_divergence, full_divergence_unchunked  # noqa: E402
 from dopd.tasks.base import Example  # noqa: E402
 from dopd.view import Contexts  # noqa: E402
 
@@ -595,7 +596,7 @@ def loss_worker(cfg: dict) -> dict:
     # Warm-up (lazy imports and first-call setup of checkpoint/autograd) before any measurement.
     w = torch.randn(8, 64, device=device, requires_grad=True)
     full_divergence(w, torch.randn(8, 64, device=device), "js", 0.5, 1.0, chunk_size=4).sum().backward()
-    _full_chunk(w, torch.randn(8, 64, device=device), "js", 0.5, 1.0).sum().backward()
+    full_divergence_unchunked(w, torch.randn(8, 64, device=device), "js", 0.5, 1.0).sum().backward()
     del w
     results = []
     for n in cfg["rows"]:
@@ -606,7 +607,7 @@ def loss_worker(cfg: dict) -> dict:
         mem.reset()
         with clock("fwd"):
             if cfg["variant"] == "naive":
-                values = _full_chunk(s, t, "js", 0.5, 1.0)
+                values = full_divergence_unchunked(s, t, "js", 0.5, 1.0)
             else:
                 values = full_divergence(s, t, "js", 0.5, 1.0, chunk_size=cfg["chunk_size"])
         with clock("bwd"):
@@ -616,7 +617,7 @@ def loss_worker(cfg: dict) -> dict:
         # The probed rows' gradient in fp64 (after the measurement): each variant's fp32 error is judged against it,
         # since two fp32 computations in different orders differ by their own rounding.
         ref = s.detach()[probe].double().requires_grad_()
-        _full_chunk(ref, t[probe].double(), "js", 0.5, 1.0).sum().backward()
+        full_divergence_unchunked(ref, t[probe].double(), "js", 0.5, 1.0).sum().backward()
         err = (s.grad[probe].double() - ref.grad).abs().amax(-1) / ref.grad.abs().amax(-1)
         results.append({"rows": n, "peak_mib": peak, "peak_delta_mib": delta, "wall_s": sum(clock.wall.values()),
                         "cpu_s": sum(clock.cpu.values()), "fwd_wall_s": clock.wall["fwd"], "bwd_wall_s": clock.wall["bwd"],

@@ -16,6 +16,7 @@ Conventions (TRL >= 0.16, the paper's Eqs. 2-4 at beta = 0.5):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -168,3 +169,57 @@ def dopd_reference(student, priv_student, priv_teacher, tokens, mask, *, top_k=1
     loss = torch.stack(per_seq).mean() if per_seq else s_all.sum() * 0.0
     return {"loss": loss, "token_loss": torch.stack([torch.stack(r) for r in token_loss]), "regime": regime,
             "thresholds": thresholds, "margin": margin}
+
+
+def regimes_reference(log_q_teacher, log_q_student, mask, *, trim_top=0.05, trim="all", normalize="none") -> dict:
+    """DOPD's regime per token under each threshold variant (paper 2.6 and ambiguity 8.1), on Python floats.
+
+    A = |log q_T - log q_S| and A_bar its trimmed mean (sort, drop the floor(trim_top * n) largest, average the rest).
+    `trim`: "all" trims q_S and q_T the same way, "gap" takes their plain means. `normalize`: "none" tests
+    q_S + q_T >= qS_bar + qT_bar; "zscore" maps each of q_S, q_T to (q - m) / s, with m and s the mean and population
+    standard deviation of that statistic's trimmed set (the same set its bar uses), and tests z_S + z_T >= 0. Both
+    statistics keep the same number of values, so the ddof of s scales both z's alike and cannot change the sign.
+    A statistic with s = 0 has z = 0 at its mean and +-inf away from it. Then A < A_bar: LH if confident else LL;
+    A >= A_bar: HT if q_T >= q_S else HS.
+
+    Returns regime [B, T] long (-1 masked out), the thresholds, and `margin` [B, T] float: each masked-in token's
+    distance to the boundaries it was tested against (inf where masked out), so a test can skip tokens that rounding
+    in the implementation may legitimately put on the other side.
+    """
+    B, T = mask.shape
+    cells = [(b, t) for b in range(B) for t in range(T) if bool(mask[b, t])]
+    lt = {c: float(log_q_teacher[c]) for c in cells}
+    ls = {c: float(log_q_student[c]) for c in cells}
+    a = {c: abs(lt[c] - ls[c]) for c in cells}
+    q_t = {c: math.exp(lt[c]) for c in cells}
+    q_s = {c: math.exp(ls[c]) for c in cells}
+    trim_q = trim_top if trim == "all" else 0.0
+    a_bar = trimmed_mean(list(a.values()), trim_top)
+    qs_bar, qt_bar = trimmed_mean(list(q_s.values()), trim_q), trimmed_mean(list(q_t.values()), trim_q)
+
+    def zscores(q: dict) -> dict:
+        # exact rational mean and variance: equal values have exactly s = 0 and z = 0, not rounding noise over noise
+        vals = sorted(Fraction(v) for v in q.values())
+        kept = vals[: len(vals) - math.floor(trim_q * len(vals))]
+        m = sum(kept) / len(kept)
+        var = sum((v - m) ** 2 for v in kept) / len(kept)
+        if var == 0:
+            return {c: 0.0 if v == m else math.copysign(math.inf, v - m) for c, v in q.items()}
+        return {c: float(Fraction(v) - m) / math.sqrt(var) for c, v in q.items()}
+
+    if normalize == "zscore":
+        z_s, z_t = zscores(q_s), zscores(q_t)
+        conf = {c: z_s[c] + z_t[c] for c in cells}
+    else:
+        conf = {c: (q_s[c] + q_t[c]) - (qs_bar + qt_bar) for c in cells}
+    regime = torch.full((B, T), -1, dtype=torch.long)
+    margin = torch.full((B, T), math.inf, dtype=F64)
+    for c in cells:
+        if a[c] < a_bar:
+            regime[c] = 0 if conf[c] >= 0 else 1
+            margin[c] = min(a_bar - a[c], abs(conf[c]))
+        else:
+            regime[c] = 2 if q_t[c] >= q_s[c] else 3
+            tie = lt[c] == ls[c]  # q_T == q_S exactly: both sides compute the same number, no rounding can flip it
+            margin[c] = min(a[c] - a_bar, math.inf if tie else abs(q_t[c] - q_s[c]))
+    return {"regime": regime, "margin": margin, "thresholds": {"a_bar": a_bar, "qs_bar": qs_bar, "qt_bar": qt_bar}}

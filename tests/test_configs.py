@@ -102,3 +102,67 @@ def test_fsdp_strategy_builds_with_its_wrap_policy(tmp_path):
     assert strategy.kwargs["use_orig_params"] is True
     assert Qwen3DecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
     assert Qwen3DecoderLayer in strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+
+
+# -- one statement of DOPD: the YAML and `dopd_spec()` must not drift apart -------------------------------------
+def test_dopd_yaml_equals_dopd_spec(tmp_path):
+    """`router=dopd` (what train.py runs) and `dopd_spec()` (what `dopd_loss` and the docs use) are one rule."""
+    from dopd.routing import dopd_spec
+
+    assert build_router(compose_cfg(["router=dopd"], tmp_path).router) == dopd_spec()
+
+
+def _dopd_variant(name, drop=(), uniform=False, gap=None, **ht):
+    """dopd_spec() with only the named changes: regimes dropped, one uniform rule, a GapSpec field, HT fields."""
+    from dataclasses import replace
+
+    from dopd.routing import Rule, dopd_spec
+
+    spec = dopd_spec()
+    rules = dict(spec.rules)
+    if uniform:
+        rules = {r: Rule("teacher_priv", "js", "topk", 1.0, beta=0.5) for r in rules}
+    if ht:
+        rules["HT"] = replace(rules["HT"], **ht)
+    rules.update({r: None for r in drop})
+    return replace(spec, name=name, rules=rules, gap=replace(spec.gap, **(gap or {})))
+
+
+# Each DOPD variant's router, as its file's comment describes it: DOPD plus exactly these changes.
+DOPD_VARIANTS = {
+    "router=dopd_one_objective": _dopd_variant("dopd_one_objective", divergence="rkl"),
+    "router=dopd_one_scope": _dopd_variant("dopd_one_scope", scope="topk"),
+    "router=dopd_random_routing": _dopd_variant("dopd_random_routing", gap={"assign": "random"}),
+    "router=dopd_uniform": _dopd_variant("dopd_uniform", uniform=True),
+    "ablation=dopd": _dopd_variant("dopd"),
+    "ablation=t6_all_uniform": _dopd_variant("dopd_uniform", uniform=True),
+    "ablation=t6_ht_hs": _dopd_variant("dopd", drop=("LH", "LL")),
+    "ablation=t6_ht_hs_uniform": _dopd_variant("dopd_uniform", drop=("LH", "LL"), uniform=True),
+    "ablation=t6_ht_lh": _dopd_variant("dopd", drop=("LL", "HS")),
+    "ablation=t6_ht_lh_uniform": _dopd_variant("dopd_uniform", drop=("LL", "HS"), uniform=True),
+    "ablation=t6_ht_ll": _dopd_variant("dopd", drop=("LH", "HS")),
+    "ablation=t6_ht_ll_uniform": _dopd_variant("dopd_uniform", drop=("LH", "HS"), uniform=True),
+    "ablation=t6_ht_uniform": _dopd_variant("dopd_uniform", drop=("LH", "LL", "HS"), uniform=True),
+    "ablation=t8_no_privileged": _dopd_variant("dopd"),
+    "ablation=t8_no_student": _dopd_variant("dopd", drop=("LL", "HS")),
+    "ablation=t8_no_teacher": _dopd_variant("dopd", drop=("LH", "HT")),
+    "ablation=t8_one_objective": _dopd_variant("dopd_one_objective", divergence="rkl"),
+    "ablation=t8_one_scope": _dopd_variant("dopd_one_scope", scope="topk"),
+    "ablation=t8_random_routing": _dopd_variant("dopd_random_routing", gap={"assign": "random"}),
+}
+
+
+def test_every_dopd_variant_is_listed():
+    """A new conf/router/dopd_*.yaml or a DOPD-based ablation must get its expected spec above."""
+    dopd_based = {f"router={o}" for o in options("router") if o.startswith("dopd_")}
+    dopd_based |= {f"ablation={o}" for o in options("ablation")
+                   if "/router: dopd" in (Path(CONF) / "ablation" / f"{o}.yaml").read_text()}
+    assert dopd_based == set(DOPD_VARIANTS)
+
+
+@pytest.mark.parametrize("override", sorted(DOPD_VARIANTS))
+def test_dopd_variants_differ_only_where_they_say(override, tmp_path):
+    cfg = compose_cfg([override], tmp_path)
+    assert build_router(cfg.router) == DOPD_VARIANTS[override]
+    if override == "ablation=t8_no_privileged":  # its one change is outside the router: p is empty
+        assert cfg.task.hint_form == "none" and compose_cfg([], tmp_path).task.hint_form != "none"

@@ -133,7 +133,7 @@ def test_every_regime_name_is_a_rule_of_dopd():
 @pytest.mark.parametrize("scope", ["full", "topk", "sampled"])
 def test_divergences_keep_no_fp32_vocabulary_copies_for_backward(scope):
     """Chunks are checkpointed: autograd keeps only the input rows (student and target), never fp32 softmaxes."""
-    from dopd.divergences import _full_chunk, divergence
+    from dopd.divergences import divergence, full_divergence_unchunked
 
     n, v = 256, 1024
     s, t, y = torch.randn(n, v, requires_grad=True), torch.randn(n, v), torch.randint(0, v, (n,))
@@ -149,5 +149,5 @@ def test_divergences_keep_no_fp32_vocabulary_copies_for_backward(scope):
     assert sum(saved) <= 2.01 * n * v * 4
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        _full_chunk(s, t, "js", 0.5, 1.0)  # negative control: the unchunked math keeps several copies
+        full_divergence_unchunked(s, t, "js", 0.5, 1.0)  # negative control: the unchunked math keeps several copies
     assert sum(saved) > 4 * n * v * 4

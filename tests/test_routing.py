@@ -525,3 +525,82 @@ def test_negative_weight_and_bad_chunk_size_are_rejected():
         Rule("teacher", "rkl", "topk", weight=-0.1)
     with pytest.raises(ValueError, match="chunk_size"):
         RouterSpec(name="x", rules={"all": Rule("teacher")}, chunk_size=0)
+
+
+# -- threshold variants (paper 8.1): trim all statistics or the gap only; raw or z-scored confidences -----------------
+GAP_VARIANTS = [(trim, normalize) for trim in ("all", "gap") for normalize in ("none", "zscore")]
+
+
+def tied_gap(seed, B=6, T=9, *, dtype=torch.float64, pool=5, constant_teacher=False):
+    """Log-probabilities drawn from a small pool, so values repeat within each statistic and many tokens have
+    q_T == q_S exactly (A = 0); optionally one q_T for every token (a statistic with no spread). Partial mask."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(pool, generator=g, dtype=torch.float64).clamp_min(0.02).log()
+    ls = values[torch.randint(pool, (B, T), generator=g)]
+    lt = values[torch.randint(pool, (B, T), generator=g)]
+    same = torch.rand(B, T, generator=g) < 0.25
+    lt = torch.where(same, ls, lt)
+    if constant_teacher:
+        lt = torch.full_like(lt, float(values[0]))
+    mask = torch.rand(B, T, generator=g) < 0.85
+    mask[0, 0] = True
+    return Gap(lt.to(dtype), ls.to(dtype)), mask
+
+
+@pytest.mark.parametrize("trim,normalize", GAP_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed,trim_top,constant", [(0, 0.05, False), (1, 0.25, False), (2, 0.0, False),
+                                                    (3, 0.1, True), (4, 0.05, True)])
+def test_assign_regimes_matches_reference(seed, trim_top, constant, trim, normalize, dtype):
+    gap, mask = tied_gap(seed, dtype=dtype, constant_teacher=constant)
+    spec = GapSpec(trim_top=trim_top, trim=trim, normalize=normalize)
+    regime, thr = assign_regimes(gap, mask, spec)
+    expected = ref.regimes_reference(gap.log_q_teacher, gap.log_q_student, mask, trim_top=trim_top, trim=trim,
+                                     normalize=normalize)
+    assert torch.equal(regime == -1, ~mask)
+    # precondition: the inputs do have ties, and few tokens sit so near a boundary that rounding may flip them
+    assert (gap.log_q_teacher == gap.log_q_student)[mask].any()
+    assert gap.log_q_student[mask].unique().numel() < int(mask.sum())
+    decisive = expected["margin"] > (1e-9 if dtype == torch.float64 else 1e-4)
+    assert decisive[mask].double().mean() >= 0.9
+    assert torch.equal(regime[decisive], expected["regime"][decisive])
+    for k, v in expected["thresholds"].items():
+        assert math.isclose(thr[k], v, rel_tol=1e-12 if dtype == torch.float64 else 1e-5), k
+
+
+def test_zscore_tie_goes_to_lh():
+    """A low-A token whose z_S + z_T is exactly 0 is confident (the >= of the paper's rule, as in raw mode)."""
+    q = torch.tensor([[0.5, 0.25, 0.625, 0.125]])  # q_T is q_S with pairs swapped
+    q_s, q_t = q, q[:, [1, 0, 3, 2]]
+    assert torch.equal(q.log().exp(), q)  # precondition: exact, so z_S + z_T = 0 exactly on the first two tokens
+    regime, _ = assign_regimes(Gap(q_t.log(), q_s.log()), torch.ones(1, 4, dtype=torch.bool),
+                               GapSpec(trim_top=0.0, normalize="zscore"))
+    assert regime.tolist() == [[LH, LH, HS, HT]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_threshold_variants_change_only_the_lh_ll_split(seed):
+    """Trimming q only or not, z-scoring or not: A_bar, the low/high-A split and HT vs HS stay the same (paper 8.1)."""
+    student, priv_s, priv_t, tokens, mask = make_batch(40 + seed, 6, 12, 20)
+    gap = Gap.from_logits(priv_t, priv_s, tokens)
+    outs = [assign_regimes(gap, mask, GapSpec(trim=trim, normalize=norm)) for trim, norm in GAP_VARIANTS]
+    base, base_thr = outs[0]
+    lh_ll = []
+    for regime, thr in outs[1:]:
+        assert thr["a_bar"] == base_thr["a_bar"]
+        high = regime >= HT
+        assert torch.equal(high, base >= HT) and torch.equal(regime[high], base[high])
+        lh_ll.append(not torch.equal(regime, base))
+    assert any(lh_ll)  # precondition: some variant did move a token between LH and LL
+
+
+@pytest.mark.parametrize("trim,normalize", GAP_VARIANTS)
+def test_masked_out_values_do_not_move_thresholds(trim, normalize):
+    """Padding may hold anything: only masked-in tokens enter A_bar, the q bars and the z-score statistics."""
+    student, priv_s, priv_t, tokens, mask = make_batch(47, 6, 12, 20, keep_p=0.7)
+    gap = Gap.from_logits(priv_t, priv_s, tokens)
+    spec = GapSpec(trim_top=0.1, trim=trim, normalize=normalize)
+    regime, thr = assign_regimes(gap, mask, spec)
+    for pad_t, pad_s in ((0.0, 0.0), (0.0, -30.0), (-30.0, 0.0)):  # q = 1 or ~0 where masked out: far-off values
+        other = Gap(gap.log_q_teacher.masked_fill(~mask, pad_t), gap.log_q_student.masked_fill(~mask, pad_s))
+        assert torch.equal(assign_regimes(other, mask, spec)[0], regime) and assign_regimes(other, mask, spec)[1] == thr

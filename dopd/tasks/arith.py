@@ -94,7 +94,7 @@ class ArithTask:
         for op in ops:
             nums.append(rng.randint(2, 9) if op == "*" else self._operand(rng))
         question = "".join(f"{a}{op}" for a, op in zip(nums, ops)) + str(nums[-1])
-        steps = _execute(nums, ops)
+        steps = execute_steps(nums, ops)
         if steps is None:
             return None
         answer = str(steps[-1][1])
@@ -121,8 +121,9 @@ class ArithTask:
         return self.extract_answer(response) == example.answer
 
 
-def _execute(nums: list[int], ops: list[str]) -> list[tuple[str, int, str]] | None:
-    """Multiplications first (left to right), then + and - left to right; None if a value goes negative.
+def execute_steps(nums: list[int], ops: list[str]) -> list[tuple[str, int, str]] | None:
+    """Multiplications first (left to right), then + and - left to right; None if a value goes negative (public:
+    task=reason writes its worked steps with it).
 
     Each step is (expression, value, plan) where the plan writes an earlier result as `_`.
     """

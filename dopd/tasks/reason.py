@@ -38,7 +38,7 @@ import string
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from dopd.tasks.arith import _execute
+from dopd.tasks.arith import execute_steps
 from dopd.tasks.base import Example, check_domains_and_form
 
 DOMAINS = ("arith", "vars", "funcs")
@@ -120,7 +120,7 @@ class ReasonTask:
         ops = [rng.choice("+-*") for _ in range(n_steps)]
         nums = [rng.randint(1, cap)] + [rng.randint(2, 9) if op == "*" else rng.randint(1, cap) for op in ops]
         question = "".join(f"{a}{op}" for a, op in zip(nums, ops)) + str(nums[-1])
-        return question, _execute(nums, ops)
+        return question, execute_steps(nums, ops)
 
     def _chain(self, rng, n_steps, cap) -> tuple[int, list[tuple[str, int]], list[Step] | None]:
         """A start value and n_steps (op, operand) applied in order, executed; operands up to `cap`."""
