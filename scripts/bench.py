@@ -64,6 +64,7 @@ TARGETS = {  # issue 6, item 3 (ambitious on purpose)
     "ours_over_trl_gkd": (">=", 1.5),
     "chunked_over_naive_peak_mem": ("<=", 0.25),
     "train_flops_over_matmul_peak": (">=", 0.5),
+    "step_rollout_speedup": (">=", 3.0),  # the scale issue: one step's rollouts in one call vs one per micro-batch
 }
 
 
@@ -498,6 +499,53 @@ def bench_lightning(w: Workload, spec, steps: int, warmup: int, device, dtype) -
             "trained_tokens": median(timer.tokens[warmup:])}
 
 
+# -- step-level rollouts ------------------------------------------------------------------------------------------
+def bench_step_rollouts(device, micro_batches: int = 16, rows: int = 8, reps: int = 3) -> dict:
+    """Rollout time of one optimizer step of `micro_batches` x `rows` rows on the zoo pair (reason l -> s), through
+    the harness's own step (`DistillModule.step_rollouts`): one generation call per loss micro-batch
+    (rollout.batch_size=rows, how steps were sampled before step-level rollouts) against the whole step in one
+    call (rollout.batch_size=null). The two alternate rep by rep, so machine noise hits both alike."""
+    from omegaconf import OmegaConf
+
+    from dopd.models import load_pair
+    from dopd.module import DistillModule
+    from dopd.pipeline import build_router, build_task, build_view, compose_config
+
+    n = 4
+    prompts = micro_batches * rows // n
+    cfg = compose_config(["model=reason_l_s", "task=reason", f"data.batch_size={prompts}", f"rollout.n={n}"])
+    pair = load_pair(OmegaConf.to_container(cfg.model, resolve=True), root=ROOT)
+    pair.student.to(device)
+    task = build_task(cfg.task)
+    view = build_view(cfg, pair.tokenizer)
+    batch = task.examples("train", prompts, 0)
+    modules = {label: DistillModule(pair.student, pair.teacher, view, build_router(cfg.router), task,
+                                    rollout={**OmegaConf.to_container(cfg.rollout, resolve=True), "batch_size": size},
+                                    optim=dict(cfg.optim), eval=dict(cfg.eval))
+               for label, size in (("per_micro_batch", rows), ("step", None))}
+    times = {label: {"wall": [], "cpu": []} for label in modules}
+    for rep in range(reps + 1):  # the first round warms up
+        for label, module in modules.items():
+            torch.manual_seed(rep)
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            calls = module.step_rollouts(batch)
+            sync(device)
+            if rep:
+                times[label]["wall"].append(time.perf_counter() - t0)
+                times[label]["cpu"].append(time.process_time() - c0)
+            times[label]["calls"] = len(calls)
+    clock = "cpu" if torch.device(device).type == "cpu" else "wall"
+    out = {"pair": "reason_l_s", "rows": micro_batches * rows, "micro_batches": micro_batches, "rows_per_micro_batch": rows,
+           "max_new_tokens": int(cfg.rollout.max_new_tokens), "reps": reps, "clock": clock}
+    for label, t in times.items():
+        out[label] = {"calls": t["calls"], "ms_wall": min(t["wall"]) * 1e3, "ms_cpu": min(t["cpu"]) * 1e3,
+                      "ms_wall_median": median(t["wall"]) * 1e3, "ms_cpu_median": median(t["cpu"]) * 1e3}
+    out["step_rollout_speedup"] = out["per_micro_batch"][f"ms_{clock}"] / out["step"][f"ms_{clock}"]
+    out["step_rollout_speedup_wall"] = out["per_micro_batch"]["ms_wall"] / out["step"]["ms_wall"]
+    return out
+
+
 # -- TRL GKDTrainer side by side -----------------------------------------------------------------------------------
 def bench_trl_gkd(w: Workload, steps: int, warmup: int, device, dtype) -> dict:
     """TRL's GKDTrainer on the same models, rows, generation length and sampling; lmbda=1 (always on-policy),
@@ -865,6 +913,7 @@ class Plan:
     ablation_reps: int = 3
     flops_probe: str | None = None  # a pair whose student forward+backward alone gives the FLOP-ratio target
     rounds: dict[str, int] = field(default_factory=dict)  # pair -> alternating Lightning / TRL rounds (default 1)
+    step_rollouts: dict = field(default_factory=dict)  # micro_batches, rows, reps of bench_step_rollouts ({}: skip)
 
 
 def make_plan(args) -> Plan:
@@ -874,12 +923,13 @@ def make_plan(args) -> Plan:
         plan = Plan(pairs=["small"], routers={"small": ["vanilla", "dopd", "teacher_priv", "opsd", "eopd", "tip"]},
                     steps=8, warmup=1, lightning={"small": ["vanilla"]}, trl=["small"],
                     loss={"vocab": 8192, "rows": 2048, "chunk_size": 256, "small_rows": 1024}, matmul=(2048, 3),
-                    ablations=["small"], ablation_reps=2, rounds={"small": 3}, flops_probe="30m")
+                    ablations=["small"], ablation_reps=2, rounds={"small": 3}, flops_probe="30m",
+                    step_rollouts={"micro_batches": 16, "rows": 8, "reps": 3})
     elif args.tiny:
         plan = Plan(pairs=["tiny"], routers={"tiny": ["vanilla", "dopd"]}, steps=1, warmup=0,
                     lightning={"tiny": ["vanilla"]}, trl=["tiny"] if not args.no_trl else [],
                     loss={"vocab": 2048, "rows": 64, "chunk_size": 16, "small_rows": 32}, matmul=(256, 2),
-                    ablations=["tiny"], ablation_reps=1)
+                    ablations=["tiny"], ablation_reps=1, step_rollouts={"micro_batches": 2, "rows": 4, "reps": 1})
     else:
         pairs = args.pairs.split(",") if args.pairs else ["small", "30m"]
         routers = {p: (every if p in ("small", "tiny") else big) for p in pairs}
@@ -888,7 +938,8 @@ def make_plan(args) -> Plan:
                     lightning={p: ["vanilla", "dopd"] if PAIRS[p].vocab is None else ["vanilla_full"] for p in pairs},
                     trl=list(pairs), loss={"vocab": 151936, "rows": 2048, "chunk_size": 256, "small_rows": 512},
                     matmul=(2048, 5) if args.device == "cpu" else (8192, 10), ablations=list(pairs), ablation_reps=1,
-                    rounds={p: 2 if PAIRS[p].vocab is None else 1 for p in pairs})
+                    rounds={p: 2 if PAIRS[p].vocab is None else 1 for p in pairs},
+                    step_rollouts={"micro_batches": 16, "rows": 8, "reps": 5})
     if args.routers:
         plan.routers = {p: args.routers.split(",") for p in plan.pairs}
     if args.steps:
@@ -1006,6 +1057,11 @@ def run(args, router_loader=None, loss_runner=None) -> dict:
             result["loss"]["note"] = (f"reduced size V={lcfg['vocab']}, {lcfg['rows']} tokens ({result['mode']} mode); the full "
                                       "run uses V=151936, 2048 tokens")
 
+    if plan.step_rollouts:
+        sr = plan.step_rollouts
+        say(f"[bench] step rollouts: {sr['micro_batches']} micro-batches x {sr['rows']} rows, per micro-batch vs one call")
+        result["step_rollouts"] = bench_step_rollouts(device, **sr)
+
     headline(result, plan)
     result["runtime_s"] = time.perf_counter() - t_start
     return result
@@ -1034,6 +1090,7 @@ def headline(result: dict, plan: Plan) -> None:
     loss = result.get("loss", {})
     result["chunked_over_naive_peak_mem"] = loss.get("chunked_over_naive_peak_mem", float("nan"))
     result["chunked_over_naive_time"] = loss.get("chunked_over_naive_time", float("nan"))
+    result["step_rollout_speedup"] = result.get("step_rollouts", {}).get("step_rollout_speedup", float("nan"))
     targets = {}
     for k, (op, bound) in TARGETS.items():
         v = result[k]
@@ -1109,7 +1166,14 @@ def print_report(result: dict) -> None:
                   f"naive {loss['grad_rel_err_fp64']['naive']:.1e})")
         if "note" in loss:
             con.print(f"  note: {loss['note']}")
-    t = Table(title="targets (issue 6)")
+    sr = result.get("step_rollouts")
+    if sr:
+        a, b = sr["per_micro_batch"], sr["step"]
+        con.print(f"step rollouts on {sr['pair']} ({sr['rows']} rows, up to {sr['max_new_tokens']} tokens): "
+                  f"{a['calls']} calls of {sr['rows_per_micro_batch']} rows {a['ms_cpu']:.0f} ms cpu / {a['ms_wall']:.0f} ms "
+                  f"wall, {b['calls']} call {b['ms_cpu']:.0f} ms cpu / {b['ms_wall']:.0f} ms wall: step_rollout_speedup "
+                  f"{sr['step_rollout_speedup']:.2f} ({sr['step_rollout_speedup_wall']:.2f} wall)")
+    t = Table(title="targets")
     for col in ("figure", "value", "target", "met"):
         t.add_column(col)
     for k, v in result["targets"].items():

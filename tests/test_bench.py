@@ -38,10 +38,12 @@ def test_bench_tiny_run_produces_all_figures(tmp_path):
         return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
     headline = ["dopd_over_vanilla", "chunked_over_naive_peak_mem", "chunked_over_naive_time",
-                "train_flops_over_matmul_peak"] + (["ours_over_trl_gkd"] if trl_available else [])
+                "train_flops_over_matmul_peak", "step_rollout_speedup"] + (["ours_over_trl_gkd"] if trl_available else [])
     for key in headline:
         assert positive(data[key]), (key, data[key])
     assert set(bench.TARGETS) <= set(data["targets"]) and "ours_over_trl_gkd" in data
+    sr = data["step_rollouts"]  # the step's rows in one call against one call per micro-batch
+    assert sr["step"]["calls"] == 1 and sr["per_micro_batch"]["calls"] == sr["micro_batches"] == 2
 
     pair = data["pairs"]["tiny"]
     assert pair["student_params"] > 0 and pair["teacher_params"] > 0
