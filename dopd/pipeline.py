@@ -227,7 +227,7 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.get("checkpoint_every", 50))
     trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"))
-    callbacks = [ckpt]
+    callbacks = [ckpt, *(hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
     if trainer_kwargs.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar() if cfg.get("rich_progress", True) else TQDMProgressBar())
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out))
