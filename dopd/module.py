@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 from dopd.evaluation import domain_rows, outcomes
 from dopd.metrics import step_diagnostics
 from dopd.rollout import Rollout, cat_rollouts, sample
+from dopd.settings import complete
 from dopd.routing import Gap, RouterSpec, Selection, assign_regimes, routed_loss, select_tokens, token_scores
 from dopd.view import Contexts, PrivilegedView, response_logits
 from dopd.visualize import regime_html, regime_png, rows_from_batch, token_strings
@@ -101,8 +102,9 @@ def shared_context_group(model, roll: Rollout) -> int:
 def lr_schedule(optim: dict, total_steps: int):
     """The `optim` block's learning-rate multiplier per step: linear warmup, then cosine to `min_lr_ratio` at
     `total_steps` (or constant). A function of its own so scripts can train with exactly the module's schedule."""
-    warmup, floor = int(optim.get("warmup_steps", 0)), optim.get("min_lr_ratio", 0.0)
-    constant = optim.get("scheduler", "cosine") == "constant"
+    optim = complete("optim", optim)
+    warmup, floor = int(optim["warmup_steps"]), optim["min_lr_ratio"]
+    constant = optim["scheduler"] == "constant"
 
     def multiplier(step: int) -> float:
         if step < warmup:
@@ -118,8 +120,8 @@ def lr_schedule(optim: dict, total_steps: int):
 def build_optimizer(parameters, optim: dict, total_steps: int):
     """AdamW and its per-step LambdaLR schedule from the `optim` block: the module's optimizer, and the one
     `scripts/batch_noise.py` trains with so that its runs differ from a distillation run only in their data."""
-    opt = torch.optim.AdamW(parameters, lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0),
-                            betas=tuple(optim.get("betas", (0.9, 0.999))))
+    optim = complete("optim", optim)
+    opt = torch.optim.AdamW(parameters, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim["betas"]))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(optim, total_steps))
 
 
@@ -128,7 +130,9 @@ class DistillModule(L.LightningModule):
                  optim: dict, eval: dict, checkpoint_teacher: bool = False, gradient_clip_val: float | None = None):
         super().__init__()
         self.student, self.teacher, self.view, self.router, self.task = student, teacher, view, router, task
-        self.rollout_cfg, self.optim_cfg, self.eval_cfg = dict(rollout), dict(optim), dict(eval)
+        # The YAML's defaults for whatever the caller left out (scripts and tests pass a few keys), every value checked
+        self.rollout_cfg, self.optim_cfg = complete("rollout", rollout), complete("optim", optim)
+        self.eval_cfg = complete("eval", eval)
         self.checkpoint_teacher = checkpoint_teacher
         self.teacher.eval().requires_grad_(False)
         self.strict_loading = False  # the teacher is not in checkpoints unless asked for
@@ -153,7 +157,7 @@ class DistillModule(L.LightningModule):
         r = self.rollout_cfg
         return sample(self.student, self.view, batch, n=n or r["n"], privileged=self.router.student_context == "privileged",
                       max_new_tokens=r["max_new_tokens"], temperature=r["temperature"], top_p=r["top_p"],
-                      top_k=r.get("top_k", 0), engine=r.get("engine", "auto"))
+                      top_k=r["top_k"], engine=r["engine"])
 
     def forward_passes(self, roll: Rollout, targets: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return forward_passes(self.student, self.teacher, self.view, self.router, roll, self.device, targets=targets)
@@ -218,14 +222,14 @@ class DistillModule(L.LightningModule):
         """All of the step's rollouts on this process, from the same weights, in calls of `rollout.batch_size` rows
         (null: one call for all of them)."""
         n = self.rollout_cfg["n"]
-        per_call = max(1, (self.rollout_cfg.get("batch_size") or len(batch) * n) // n)  # prompts per call
+        per_call = max(1, (self.rollout_cfg["batch_size"] or len(batch) * n) // n)  # prompts per call
         return [self.rollouts(batch[i : i + per_call]) for i in range(0, len(batch), per_call)]
 
     def micro_batches(self, calls: list[Rollout]) -> list[Rollout]:
         """The step's rows cut into loss micro-batches of `optim.micro_batch_size` rows (null: one), each with its
         own context; a call that is exactly one micro-batch is used as it is."""
         total = sum(c.tokens.shape[0] for c in calls)
-        rows = self.optim_cfg.get("micro_batch_size") or total
+        rows = self.optim_cfg["micro_batch_size"] or total
         if all(c.tokens.shape[0] == rows for c in calls):
             return calls
         step = cat_rollouts(calls, self.view.tok.pad_token_id)
@@ -252,7 +256,7 @@ class DistillModule(L.LightningModule):
             tokens = part.tokens.masked_fill(~part.mask, 0)
             scores.append({k: v[part.mask] for k, v in token_scores(spec, tokens, student, targets).items()})
             counts.append(int(part.mask.sum()))
-            kept.append(targets if self.optim_cfg.get("keep_targets", True) else None)
+            kept.append(targets if self.optim_cfg["keep_targets"] else None)
         flat = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
         offset, total = _rank_offset(sum(counts), world)
         flat = {k: _gather_cat(v) for k, v in flat.items()}
@@ -294,7 +298,7 @@ class DistillModule(L.LightningModule):
     def _skip_nonfinite(self, loss):
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
-        limit = self.optim_cfg.get("max_nonfinite_steps", 10)
+        limit = self.optim_cfg["max_nonfinite_steps"]
         if self.nonfinite_steps > limit:
             raise FloatingPointError(
                 f"loss was NaN/inf on {self.nonfinite_steps} steps (limit optim.max_nonfinite_steps={limit}); "
@@ -312,15 +316,15 @@ class DistillModule(L.LightningModule):
         # this the student would train in eval mode, with dropout and HF's gradient checkpointing (which only acts
         # in training mode) silently off. `train` keeps the teacher in eval mode.
         self.train()
-        if self.eval_cfg.get("at_start", True) and self.global_step == 0:
-            if self.eval_cfg.get("teacher_reference", True):
+        if self.eval_cfg["at_start"] and self.global_step == 0:
+            if self.eval_cfg["teacher_reference"]:
                 self.evaluate(self.teacher, prefix="ref/teacher", routing=False)
             self.evaluate()
 
     def evaluate_if_due(self):
         """After an optimizer step: every `eval.every` steps and at `trainer.max_steps`. Inside the step, so before
         the checkpoint of the same step is written: a crash during it redoes it on resume, never loses it."""
-        every, step = self.eval_cfg.get("every", 0), self.global_step
+        every, step = self.eval_cfg["every"], self.global_step
         if (every and step % every == 0) or step == self.trainer.max_steps:
             self.evaluate()
 
@@ -341,16 +345,16 @@ class DistillModule(L.LightningModule):
             self._evaluated_at = self.global_step
         dm = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        kw = dict(max_new_tokens=self.rollout_cfg["max_new_tokens"], batch_size=self.eval_cfg.get("batch_size", 256),
-                  engine=self.rollout_cfg.get("engine", "auto"))
-        k = int(self.eval_cfg.get("pass_k", 0) or 0)
+        kw = dict(max_new_tokens=self.rollout_cfg["max_new_tokens"], batch_size=self.eval_cfg["batch_size"],
+                  engine=self.rollout_cfg["engine"])
+        k = int(self.eval_cfg["pass_k"] or 0)
         results: dict[str, float] = {}
         for split, examples in dm.eval_examples.items():
             shard = examples[rank::world]
             values = {"acc": outcomes(model, self.view, self.task, shard, **kw)}
             if k > 1:
                 values[f"pass{k}"] = outcomes(model, self.view, self.task, shard, k=k,
-                                               temperature=self.rollout_cfg.get("temperature", 1.0), **kw)
+                                               temperature=self.rollout_cfg["temperature"], **kw)
             for name, (solved, lengths) in values.items():
                 for domain, idx in domain_rows(shard).items():
                     results[f"{prefix}/{name}/{split}{domain}"] = _mean([solved[i] for i in idx], self.device)
@@ -362,7 +366,7 @@ class DistillModule(L.LightningModule):
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(results, step=self.global_step)
-            if routing and self.eval_cfg.get("routing_samples", 0):
+            if routing and self.eval_cfg["routing_samples"]:
                 self.log_routing(dm.eval_examples[next(iter(dm.eval_examples))][: self.eval_cfg["routing_samples"]])
         if model is self.student:
             self.last_eval = results

@@ -20,6 +20,7 @@ from dopd.data import PromptDataModule
 from dopd.models import load_pair
 from dopd.module import DistillModule
 from dopd.routing import GapSpec, PruneSpec, RouterSpec, Rule
+from dopd.settings import check_all
 from dopd.tracking import log_config, make_logger
 from dopd.view import PrivilegedView
 
@@ -54,7 +55,11 @@ def build_router(cfg: DictConfig) -> RouterSpec:
             unknown = set(item) - _RULE_KEYS
             if unknown:
                 raise ValueError(f"router.rules.{name} has unknown keys {sorted(unknown)}; valid: {sorted(_RULE_KEYS)}")
-        built = tuple(Rule(**item) for item in items)
+        try:
+            built = tuple(Rule(**item) for item in items)
+        except ValueError as err:  # name the rule: its values often come from router.top_k / beta_* interpolations
+            raise ValueError(f"router.rules.{name}: {err} (router.top_k, router.beta_light and router.beta_weak "
+                             f"fill the DOPD rules)") from None
         rules[str(name)] = None if rule is None else built if isinstance(rule, list) else built[0]
     return RouterSpec(
         name=str(cfg.name), rules=rules, student_context=str(cfg.get("student_context", "plain")),
@@ -190,7 +195,8 @@ def run(cfg: DictConfig) -> float:
         return float(card["accuracy"].get("acc/avg", float("nan")))
     if cfg.get("stage", "distill") != "distill":
         raise ValueError(f"stage={cfg.stage!r} is not one of distill, sft")
-    router = build_router(cfg.router)  # validate cheap things before loading models or touching MLflow
+    check_all(cfg)  # every data/rollout/optim/eval value, then the router and the step's sizes: before MLflow
+    router = build_router(cfg.router)  # or any model
     check_step_sizes(cfg)
     previous = find_resumable(cfg) if cfg.get("resume") else None
     if previous is not None:

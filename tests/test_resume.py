@@ -65,3 +65,39 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     for k, v in ref_state["state_dict"].items():
         torch.testing.assert_close(state["state_dict"][k], v, msg=k)
     assert last == pytest.approx(ref_last, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_final_evaluation_loses_no_evaluation(tmp_path):
+    """max_steps a multiple of checkpoint_every (the default job: 200/50): the step's evaluation runs inside the
+    step, before its checkpoint, so a kill during it leaves the previous checkpoint and the resume redoes both."""
+    slow_eval = ["data.n_eval=256", "eval.pass_k=4", "checkpoint_every=4"]
+    ref_out, out = tmp_path / "ref", tmp_path / "crash"
+    subprocess.run(_cmd(ref_out, *slow_eval), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cmd(out, *slow_eval), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+
+    def logged(key: str, step: int) -> bool:
+        if not (out / "mlflow.db").exists():
+            return False
+        try:
+            client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+            exp = client.get_experiment_by_name("dopd")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return bool(runs) and any(m.step == step for m in client.get_metric_history(runs[0].info.run_id, key))
+        except Exception:  # the store is being created or written
+            return False
+
+    while not logged("train/loss", 7) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # the last step's metrics are out: its evaluation (slow here) is running now
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not logged("eval/acc/avg", 8), "the final evaluation finished before the kill"
+    res = subprocess.run(_cmd(out, *slow_eval, "resume=true"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (ref_run,), _, ref_last = _final(ref_out)
+    (run,), _, last = _final(out)
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    assert 8 in {m.step for m in client.get_metric_history(run.info.run_id, "eval/acc/avg")}
+    assert run.info.status == "FINISHED" and last == pytest.approx(ref_last, rel=1e-6, abs=1e-7)
