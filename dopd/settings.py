@@ -140,11 +140,10 @@ def _defaults() -> dict:
 
 def complete(section: str, values: dict | None) -> dict:
     """`values` over the YAML defaults of the section, checked (for code that passes only a few keys)."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
 
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    values = dict(values or {})
+    values = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+              for k, v in (values or {}).items()}
     fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
     merged = values if fields <= set(values) else {**_defaults()[section], **values}  # complete ones compose nothing
     check(section, merged)

@@ -26,7 +26,7 @@ def test_unknown_group_option_lists_the_valid_ones(group):
 
 
 def test_empty_dataset(tmp_path, tracking_uri):
-    with pytest.raises(ValueError, match="no training examples"):
+    with pytest.raises(ValueError, match="data.n_train=0 must be > 0"):  # checked before any model loads
         pipeline.run(compose_cfg([*FAST, "data.n_train=0", f"logger.tracking_uri={tracking_uri}"], tmp_path))
 
 

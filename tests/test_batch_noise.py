@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dopd
+from tests.conftest import compose_cfg
 from dopd.module import lr_schedule
 
 spec = importlib.util.spec_from_file_location("batch_noise", dopd.PROJECT_ROOT / "scripts" / "batch_noise.py")
@@ -25,7 +26,8 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert all(f(s) >= f(s + 1) for s in range(4, 12))
     const = lr_schedule({"warmup_steps": 2, "scheduler": "constant"}, total_steps=10)
     assert [const(s) for s in (0, 1, 2, 9, 30)] == [0.5, 1.0, 1.0, 1.0, 1.0]
-    assert lr_schedule({}, total_steps=10)(0) == 1.0  # no warmup
+    assert lr_schedule({"warmup_steps": 0}, total_steps=10)(0) == 1.0  # no warmup
+    assert lr_schedule({}, total_steps=100)(0) == 1 / compose_cfg([]).optim.warmup_steps  # the YAML's defaults
 
 
 def test_gold_batches_repeat_each_solution_like_rollouts():
