@@ -14,11 +14,15 @@ import subprocess
 import time
 from pathlib import Path
 
-import mlflow
+from typing import TYPE_CHECKING
+
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:  # mlflow and lightning load in the functions that use them: Hydra imports this module for its
+    import mlflow  # sweep callback, and `--help` or a config error should not wait for them
+    from lightning.pytorch.loggers import MLFlowLogger
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "DOPD_MLFLOW_PARENT_RUN_ID"
@@ -55,6 +59,8 @@ def _init_sqlite_store(uri: str, db: Path) -> None:
     processes open a new database at once (parallel jobs, several users' first runs)."""
     import fcntl
 
+    import mlflow
+
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -81,6 +87,8 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str, artifact_location: str | None) -> str:
+    import mlflow
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -135,6 +143,8 @@ def swept_keys(overrides: list[str]) -> list[str]:
 
 
 def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
+    from lightning.pytorch.loggers import MLFlowLogger
+
     lc = cfg.logger
     uri = check_tracking_uri(str(lc.tracking_uri))
     tags = {"router": cfg.router.name, "seed": str(cfg.seed), "task": cfg.task.name, "pair": cfg.model.name,
@@ -168,6 +178,8 @@ class MLflowSweepCallback(Callback):
     """Opens a parent run before a multirun's first job and closes it after the last."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        import mlflow
+
         lc = config.logger
         uri = check_tracking_uri(str(lc.tracking_uri))
         client = mlflow.MlflowClient(tracking_uri=uri)
