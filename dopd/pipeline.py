@@ -207,8 +207,11 @@ def run(cfg: DictConfig) -> float:
     try:
         return _train(cfg, root, router, logger, previous)
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        logger.experiment.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        # KILLED for SIGTERM/Ctrl-C, however Lightning re-raised them
+        from dopd.tracking import describe_failure
+
+        status, error = describe_failure(err)
+        logger.experiment.set_tag(run_id, "error", error[:5000])
         logger.finalize(status)
         raise
 

@@ -8,17 +8,23 @@ that the MLflow UI can filter on, and, in a multirun, the tag `mlflow.parentRunI
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:  # mlflow and lightning load in the functions that use them: Hydra imports this module for its
+    import mlflow  # sweep callback, and `--help` or a config error should not wait for them
+    from lightning.pytorch.loggers import MLFlowLogger
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "DOPD_MLFLOW_PARENT_RUN_ID"
@@ -55,6 +61,8 @@ def _init_sqlite_store(uri: str, db: Path) -> None:
     processes open a new database at once (parallel jobs, several users' first runs)."""
     import fcntl
 
+    import mlflow
+
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -81,6 +89,8 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str, artifact_location: str | None) -> str:
+    import mlflow
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -135,6 +145,8 @@ def swept_keys(overrides: list[str]) -> list[str]:
 
 
 def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
+    from lightning.pytorch.loggers import MLFlowLogger
+
     lc = cfg.logger
     uri = check_tracking_uri(str(lc.tracking_uri))
     tags = {"router": cfg.router.name, "seed": str(cfg.seed), "task": cfg.task.name, "pair": cfg.model.name,
@@ -167,7 +179,9 @@ def sweep_overrides(config: DictConfig) -> list[str]:
 class MLflowSweepCallback(Callback):
     """Opens a parent run before a multirun's first job and closes it after the last."""
 
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+    def _open(self, config: DictConfig) -> None:
+        import mlflow
+
         lc = config.logger
         uri = check_tracking_uri(str(lc.tracking_uri))
         client = mlflow.MlflowClient(tracking_uri=uri)
@@ -184,30 +198,124 @@ class MLflowSweepCallback(Callback):
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
         log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
 
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        catch_signals()  # a signal between jobs must also reach Python code, so that the parent run gets closed
+        self._sweep_dir = Path(config.hydra.sweep.dir)
+        self._open(config)
+        atexit.register(self._close_if_open)  # Hydra skips on_multirun_end when a job's exception ends the sweep
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        failures_file = Path(config.hydra.sweep.dir) / FAILURES_FILE
-        failures = failures_file.read_text().strip().splitlines() if failures_file.exists() else []
-        if getattr(self, "run_id", None):
-            if failures:
-                self.client.set_tag(self.run_id, "failed_jobs", str(len(failures)))
-            self.client.set_terminated(self.run_id, "FAILED" if failures else "FINISHED")
-            os.environ.pop(PARENT_ENV, None)
-            os.environ.pop(SWEEP_KEYS_ENV, None)
+        failures = self._failures()
+        self._close("FAILED" if failures else "FINISHED", failures)
         if failures:
-            log.error("%d job(s) of this sweep failed (their MLflow runs are marked FAILED):\n  %s",
+            log.error("%d job(s) of this sweep failed (their MLflow runs are marked FAILED or KILLED):\n  %s",
                       len(failures), "\n  ".join(failures))
             raise SystemExit(1)
 
+    def _failures(self) -> list[str]:
+        f = self._sweep_dir / FAILURES_FILE
+        return f.read_text().strip().splitlines() if f.exists() else []
+
+    def _close(self, status: str, failures: list[str]) -> None:
+        if getattr(self, "run_id", None):
+            if failures:
+                self.client.set_tag(self.run_id, "failed_jobs", str(len(failures)))
+            self.client.set_terminated(self.run_id, status)
+            self.run_id = None
+            os.environ.pop(PARENT_ENV, None)
+            os.environ.pop(SWEEP_KEYS_ENV, None)
+
+    def _close_if_open(self) -> None:
+        """At exit of a sweep that did not reach its end: KILLED after a signal, else FAILED; never left RUNNING."""
+        if getattr(self, "run_id", None):
+            status = "KILLED" if _received else "FAILED"
+            try:
+                self._close(status, self._failures())
+                log.error("the sweep stopped early; its MLflow parent run is marked %s", status)
+            except Exception as err:  # noqa: BLE001 (at exit: report, do not mask the original error)
+                log.error("could not mark the sweep's MLflow parent run %s: %s", status, err)
+
+
+class Interrupted(SystemExit):
+    """A job or sweep stopped by a signal; the process exits with 128 + its number, as a shell reports a kill."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
+
+_received: list[int] = []  # the signals this process has caught
+
+
+def _on_signal(signum: int, frame) -> None:
+    _received.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if signal.getsignal(signum) is not _on_signal:  # called from Lightning's SIGTERM handler inside trainer.fit:
+        return                                       # Lightning stops after the current step (SIGTERMException)
+    raise Interrupted(signum)
+
+
+def catch_signals() -> None:
+    """SIGTERM raises `Interrupted` (and SIGINT KeyboardInterrupt) instead of killing the process before it can mark
+    its MLflow runs; inside trainer.fit, Lightning's own SIGTERM handler runs first and calls this one."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+
+
+def received_signal() -> int | None:
+    """The last SIGTERM/SIGINT this process caught, if any."""
+    return _received[-1] if _received else None
+
+
+def interrupt_signal(err: BaseException | None) -> int | None:
+    """The signal behind an exception, if it is an interruption: `Interrupted`, Lightning's SIGTERMException (a
+    SystemExit without code) or KeyboardInterrupt, which Lightning turns into sys.exit(1) (then its context)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, Interrupted):
+            return err.signum
+        if isinstance(err, KeyboardInterrupt):
+            return int(signal.SIGINT)
+        if any(c.__name__ == "SIGTERMException" for c in type(err).__mro__):
+            return int(signal.SIGTERM)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def describe_failure(err: BaseException) -> tuple[str, str]:
+    """(MLflow status, one-line description) of the exception that ended a job."""
+    sig = interrupt_signal(err)
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    if sig is None:
+        return "FAILED", text
+    return "KILLED", f"killed by {signal.Signals(sig).name} ({text.rstrip(': ')})"
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
 
 def record_failure(cfg: DictConfig, err: BaseException) -> bool:
-    """In a multirun, note a failed job in the sweep folder and return True (the sweep goes on); else False."""
-    if not (HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"):
+    """In a multirun, note a failed or killed job in the sweep folder and return True; else False. After a failure
+    the sweep goes on (unless continue_on_error=false: then False); after a signal the caller stops it."""
+    if not in_multirun():
         return False
-    if not cfg.get("continue_on_error", True):
+    killed = interrupt_signal(err) is not None
+    if not (killed or cfg.get("continue_on_error", True)):
         return False
     hc = HydraConfig.get()
-    log.exception("job %s failed; the sweep continues", hc.job.num)
-    line = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {type(err).__name__}: {err}".replace("\n", " ")
+    _, text = describe_failure(err)
+    if killed:
+        log.error("job %s %s; the sweep stops", hc.job.num, text)
+    else:
+        log.exception("job %s failed; the sweep continues", hc.job.num)
+    line = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {text}".replace("\n", " ")
     with open(Path(hc.sweep.dir) / FAILURES_FILE, "a") as f:  # appends are atomic for short lines
         f.write(line[:2000] + "\n")
     return True
