@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -16,6 +15,15 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from dopd.checkpoints import (
+    LAST,
+    AtomicCheckpointIO,
+    JobStamp,
+    job_settings,
+    previous_path,
+    resumable_checkpoint,
+    settings_key,
+)
 from dopd.data import PromptDataModule
 from dopd.models import load_pair
 from dopd.module import DistillModule
@@ -149,9 +157,9 @@ def run_dir() -> Path:
 
 
 def job_key(cfg: DictConfig) -> str:
-    """Identifies 'the same job' across launches: the hash of its resolved config without resume/logger/hydra."""
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "resume", "logger")])
-    return hashlib.sha1(OmegaConf.to_yaml(job, resolve=True).encode()).hexdigest()[:16]
+    """Identifies 'the same job' across launches: the hash of its resolved config without the settings that cannot
+    change its weights or metrics (dopd.checkpoints.NOT_IN_JOB_KEY: resume, logger, hydra, paths, progress bars...)."""
+    return settings_key(job_settings(cfg))
 
 
 def write_job_file(cfg: DictConfig, out: Path, mlflow_run_id: str) -> None:
@@ -163,21 +171,30 @@ def write_job_file(cfg: DictConfig, out: Path, mlflow_run_id: str) -> None:
 def find_resumable(cfg: DictConfig) -> dict | None:
     """`resume=true`: the newest earlier run of this exact job with a last.ckpt; `resume=<run dir>`: that one."""
     out = Path(cfg.paths.output_dir)
+    settings = job_settings(cfg)
+    key = settings_key(settings)
+
+    def has_checkpoint(folder: Path) -> bool:
+        last = folder / "checkpoints" / LAST
+        return last.exists() or previous_path(last).exists()
+
     if cfg.resume is True:
-        key = job_key(cfg)
         candidates = sorted((*out.glob(f"runs/*/{JOB_FILE}"), *out.glob(f"multiruns/*/*/{JOB_FILE}")),
                             key=lambda p: p.stat().st_mtime, reverse=True)
         for job_file in candidates:
             info = json.loads(job_file.read_text())
-            if info["key"] == key and (job_file.parent / "checkpoints" / "last.ckpt").exists():
-                return {**info, "dir": str(job_file.parent), "ckpt": str(job_file.parent / "checkpoints" / "last.ckpt")}
+            if info["key"] == key and has_checkpoint(job_file.parent):
+                # the checkpoint itself must be whole and this job's (job.json alone can be another job's)
+                ckpt = resumable_checkpoint(job_file.parent, key, settings)
+                return {**info, "dir": str(job_file.parent), "ckpt": str(ckpt)}
         log.warning("resume=true: no earlier run of this job with a checkpoint under %s; starting fresh", out)
         return None
     folder = Path(str(cfg.resume))
-    job_file, ckpt = folder / JOB_FILE, folder / "checkpoints" / "last.ckpt"
-    if not (job_file.exists() and ckpt.exists()):
+    job_file = folder / JOB_FILE
+    if not (job_file.exists() and has_checkpoint(folder)):
         raise FileNotFoundError(f"resume={folder}: expected {JOB_FILE} and checkpoints/last.ckpt there; "
                                 "pass a run folder of an earlier job, or resume=true to find it")
+    ckpt = resumable_checkpoint(folder, key, settings)
     return {**json.loads(job_file.read_text()), "dir": str(folder), "ckpt": str(ckpt)}
 
 
@@ -233,10 +250,14 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     if previous is None:  # a resumed run already has its params; MLflow refuses to change them
         log_config(logger, cfg, out)
     write_job_file(cfg, out, logger.run_id)
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
+    # no version counter: a resumed run must write last.ckpt again, not last-v1.ckpt beside a stale last.ckpt
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, enable_version_counter=False,
                            every_n_train_steps=cfg.get("checkpoint_every", 50))
+    settings = job_settings(cfg)  # stamped into every checkpoint; written atomically by AtomicCheckpointIO
     trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"))
-    callbacks = [ckpt, *(hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
+    trainer_kwargs["plugins"] = [*(trainer_kwargs.get("plugins") or []), AtomicCheckpointIO()]
+    callbacks = [ckpt, JobStamp(settings_key(settings), settings),
+                 *(hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
     if trainer_kwargs.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar() if cfg.get("rich_progress", True) else TQDMProgressBar())
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out))

@@ -30,6 +30,11 @@ def test_multirun_nests_children_under_one_parent(tmp_path):
         assert c.data.params["router/name"] == c.data.tags["router"]
         assert {"train/loss", "eval/acc/avg"} <= set(c.data.metrics)
     assert parents[0].info.status == "FINISHED"
+    # job folders name their overrides (where outputs and the store go is left out)
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert [n.split("_", 1)[0] for n in names] == ["0", "1"]
+    assert "router=vanilla" in names[0] and "router=dopd" in names[1] and "tracking_uri" not in names[0]
 
 
 @pytest.mark.slow
