@@ -51,8 +51,12 @@ def main(argv=None) -> int:
     metrics = [f"anatomy/{r}/{k}" for r in REGIMES for k in ("share", "grad_norm", "eos/share", "q_target",
                                                              "q_student", "eos_q_student")]
     metrics.append("eval/acc/avg")
+    metrics.append("train/response_len")
+    kinds = sorted({k for r in finished for k in r.data.metrics if k.startswith("anatomy/") and k.count("/") == 3
+                    and k.endswith("/share") and not k.endswith("/eos/share")})
+    metrics += kinds  # per regime and kind of token: in the CSV and the printed table
     runs = [load_run(client, r, tuple(metrics)) for r in finished]
-    runs = [r for r in runs if any(m in r.curves for m in metrics[:-1])]
+    runs = [r for r in runs if any(m.startswith("anatomy/") and m in r.curves for m in metrics)]
     if not runs:
         print(f"collapse_figure: no run of {args.experiment!r} has anatomy/* metrics (train with callbacks=anatomy)",
               file=sys.stderr)
