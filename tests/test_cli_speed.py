@@ -43,3 +43,15 @@ def test_the_dopd_root_resolver_stays_registered_and_the_package_exports_resolve
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          check=False)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_dopd_train_outside_a_checkout_says_how_to_install(monkeypatch, tmp_path):
+    """A non-editable install has dopd/ without train.py beside it: one line saying which install works."""
+    import pytest
+
+    import dopd
+    from dopd.cli import train_main
+
+    monkeypatch.setattr(dopd, "PROJECT_ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=r"dopd-train: no train.py at .*pip install -e \."):
+        train_main()
