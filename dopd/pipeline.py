@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from dopd.checkpoints import (
@@ -27,6 +27,7 @@ from dopd.checkpoints import (
 from dopd.data import PromptDataModule
 from dopd.models import load_pair
 from dopd.module import DistillModule
+from dopd.progress import console_callbacks, quiet_libraries
 from dopd.routing import GapSpec, PruneSpec, RouterSpec, Rule
 from dopd.settings import check_all
 from dopd.tracking import log_config, make_logger
@@ -204,6 +205,7 @@ def run(cfg: DictConfig) -> float:
     The MLflow run is opened first (an unreachable tracking server fails here, before any model is loaded); any
     later error marks it FAILED with the error as the tag `error`, then propagates.
     """
+    quiet_libraries(verbose=bool(cfg.get("verbose", False)))  # before any library prints (dopd.progress)
     root = Path(cfg.paths.root)
     if cfg.get("stage", "distill") == "sft":
         from dopd.zoo import build
@@ -258,8 +260,8 @@ def _train(cfg: DictConfig, root: Path, router: RouterSpec, logger, previous: di
     trainer_kwargs["plugins"] = [*(trainer_kwargs.get("plugins") or []), AtomicCheckpointIO()]
     callbacks = [ckpt, JobStamp(settings_key(settings), settings),
                  *(hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values())]
-    if trainer_kwargs.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar() if cfg.get("rich_progress", True) else TQDMProgressBar())
+    # a bar of optimizer steps with the last loss and eval/acc/avg, and one line per evaluation (dopd.progress)
+    callbacks += console_callbacks(cfg, progress_bar=trainer_kwargs.get("enable_progress_bar", True))
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out))
     log.info("router=%s passes=%s pair=%s task=%s -> %s", router.name, sorted(router.passes), pair.name, task.name, out)
     trainer.fit(module, datamodule=data, ckpt_path=previous["ckpt"] if previous else None)
