@@ -51,8 +51,8 @@ def safe_dirname(text: str, limit: int = 80) -> str:
 
 
 # Left out of sweep folder names: where outputs and the store go, and settings that change no result.
-_NOT_IN_DIRNAME = ("paths.", "logger.", "hydra.", "resume", "rich_progress", "num_threads", "continue_on_error",
-                   "trainer.enable_progress_bar", "trainer.enable_model_summary")
+_NOT_IN_DIRNAME = ("paths.", "logger.", "hydra.", "resume", "rich_progress", "verbose", "num_threads",
+                   "continue_on_error", "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 def job_dirname(limit: int = 80) -> str:
