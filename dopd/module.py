@@ -11,7 +11,6 @@ One training step, top to bottom (`training_step`):
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from pathlib import Path
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from dopd.evaluation import domain_rows, outcomes
 from dopd.metrics import step_diagnostics
+from dopd.optim import build_optimizer
 from dopd.rollout import Rollout, cat_rollouts, sample
 from dopd.settings import complete
 from dopd.routing import Gap, RouterSpec, Selection, assign_regimes, routed_loss, select_tokens, token_scores
@@ -97,32 +97,6 @@ def shared_context_group(model, roll: Rollout) -> int:
     on = getattr(model, "is_activation_checkpointing", None)
     on = getattr(model, "is_gradient_checkpointing", False) if on is None else on
     return 1 if on else roll.n
-
-
-def lr_schedule(optim: dict, total_steps: int):
-    """The `optim` block's learning-rate multiplier per step: linear warmup, then cosine to `min_lr_ratio` at
-    `total_steps` (or constant). A function of its own so scripts can train with exactly the module's schedule."""
-    optim = complete("optim", optim)
-    warmup, floor = int(optim["warmup_steps"]), optim["min_lr_ratio"]
-    constant = optim["scheduler"] == "constant"
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if constant:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def build_optimizer(parameters, optim: dict, total_steps: int):
-    """AdamW and its per-step LambdaLR schedule from the `optim` block: the module's optimizer, and the one
-    `scripts/batch_noise.py` trains with so that its runs differ from a distillation run only in their data."""
-    optim = complete("optim", optim)
-    opt = torch.optim.AdamW(parameters, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim["betas"]))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(optim, total_steps))
 
 
 class DistillModule(L.LightningModule):
