@@ -28,7 +28,7 @@ from dopd.rollout import Rollout, cat_rollouts, sample
 from dopd.settings import complete
 from dopd.routing import Gap, RouterSpec, Selection, assign_regimes, routed_loss, select_tokens, token_scores
 from dopd.view import Contexts, PrivilegedView, response_logits
-from dopd.visualize import regime_html, regime_png, rows_from_batch, token_strings
+from dopd.visualize import routing_page
 
 
 class ContextCache:
@@ -367,15 +367,9 @@ class DistillModule(L.LightningModule):
         regime = out.regime if self.router.routes else assign_regimes(gap, mask, self.router.gap)[0]
         texts = self.view.tok.batch_decode(tokens, skip_special_tokens=True)
         correct = [self.task.is_correct(t, ex) for t, ex in zip(texts, rows)]
-        table = rows_from_batch([ex.question for ex in rows], token_strings(self.view.tok, tokens), regime,
-                                gap.advantage, gap.log_q_student.exp(), gap.log_q_teacher.exp(), out.token_loss,
-                                mask, correct)
-        folder = Path(self.trainer.default_root_dir) / "routing"
-        folder.mkdir(parents=True, exist_ok=True)
-        title = f"{self.router.name} step {self.global_step}: token regimes (LH yellow, LL grey, HT green, HS blue)"
-        page = folder / f"routing_step{self.global_step:05d}.html"
-        page.write_text(regime_html(table, title))
-        regime_png(table, str(page.with_suffix(".png")), title)
+        page = routing_page(Path(self.trainer.default_root_dir) / "routing", self.router.name, self.global_step,
+                            [ex.question for ex in rows], self.view.tok, tokens, regime, gap.advantage,
+                            gap.log_q_student.exp(), gap.log_q_teacher.exp(), out.token_loss, mask, correct)
         for logger in self.loggers:
             if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
                 logger.experiment.log_artifact(logger.run_id, str(page), "routing")
