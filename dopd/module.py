@@ -11,7 +11,6 @@ One training step, top to bottom (`training_step`):
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from pathlib import Path
 from dataclasses import asdict
@@ -24,11 +23,12 @@ from torchmetrics import MeanMetric
 
 from dopd.evaluation import domain_rows, outcomes
 from dopd.metrics import step_diagnostics
+from dopd.optim import build_optimizer
 from dopd.rollout import Rollout, cat_rollouts, sample
 from dopd.settings import complete
 from dopd.routing import Gap, RouterSpec, Selection, assign_regimes, routed_loss, select_tokens, token_scores
 from dopd.view import Contexts, PrivilegedView, response_logits
-from dopd.visualize import regime_html, regime_png, rows_from_batch, token_strings
+from dopd.visualize import routing_page
 
 
 class ContextCache:
@@ -97,32 +97,6 @@ def shared_context_group(model, roll: Rollout) -> int:
     on = getattr(model, "is_activation_checkpointing", None)
     on = getattr(model, "is_gradient_checkpointing", False) if on is None else on
     return 1 if on else roll.n
-
-
-def lr_schedule(optim: dict, total_steps: int):
-    """The `optim` block's learning-rate multiplier per step: linear warmup, then cosine to `min_lr_ratio` at
-    `total_steps` (or constant). A function of its own so scripts can train with exactly the module's schedule."""
-    optim = complete("optim", optim)
-    warmup, floor = int(optim["warmup_steps"]), optim["min_lr_ratio"]
-    constant = optim["scheduler"] == "constant"
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if constant:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def build_optimizer(parameters, optim: dict, total_steps: int):
-    """AdamW and its per-step LambdaLR schedule from the `optim` block: the module's optimizer, and the one
-    `scripts/batch_noise.py` trains with so that its runs differ from a distillation run only in their data."""
-    optim = complete("optim", optim)
-    opt = torch.optim.AdamW(parameters, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim["betas"]))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(optim, total_steps))
 
 
 class DistillModule(L.LightningModule):
@@ -393,15 +367,9 @@ class DistillModule(L.LightningModule):
         regime = out.regime if self.router.routes else assign_regimes(gap, mask, self.router.gap)[0]
         texts = self.view.tok.batch_decode(tokens, skip_special_tokens=True)
         correct = [self.task.is_correct(t, ex) for t, ex in zip(texts, rows)]
-        table = rows_from_batch([ex.question for ex in rows], token_strings(self.view.tok, tokens), regime,
-                                gap.advantage, gap.log_q_student.exp(), gap.log_q_teacher.exp(), out.token_loss,
-                                mask, correct)
-        folder = Path(self.trainer.default_root_dir) / "routing"
-        folder.mkdir(parents=True, exist_ok=True)
-        title = f"{self.router.name} step {self.global_step}: token regimes (LH yellow, LL grey, HT green, HS blue)"
-        page = folder / f"routing_step{self.global_step:05d}.html"
-        page.write_text(regime_html(table, title))
-        regime_png(table, str(page.with_suffix(".png")), title)
+        page = routing_page(Path(self.trainer.default_root_dir) / "routing", self.router.name, self.global_step,
+                            [ex.question for ex in rows], self.view.tok, tokens, regime, gap.advantage,
+                            gap.log_q_student.exp(), gap.log_q_teacher.exp(), out.token_loss, mask, correct)
         for logger in self.loggers:
             if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
                 logger.experiment.log_artifact(logger.run_id, str(page), "routing")

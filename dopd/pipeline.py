@@ -11,7 +11,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,14 +23,14 @@ from dopd.checkpoints import (
     resumable_checkpoint,
     settings_key,
 )
+from dopd.build import build_router, build_task, build_view, compose_config  # noqa: F401 (re-exported)
 from dopd.data import PromptDataModule
 from dopd.models import load_pair
 from dopd.module import DistillModule
 from dopd.progress import console_callbacks, quiet_libraries
-from dopd.routing import GapSpec, PruneSpec, RouterSpec, Rule
+from dopd.routing import RouterSpec
 from dopd.settings import check_all
 from dopd.tracking import log_config, make_logger
-from dopd.view import PrivilegedView
 
 log = logging.getLogger(__name__)
 # Expected here: the frozen teacher is in eval mode (DistillModule.on_train_start puts the student in training mode),
@@ -40,62 +39,7 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 # Checkpoints hold the state after the step's optimizer update, which is what a resume continues from.
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
-_RULE_KEYS = set(Rule.__dataclass_fields__)
 JOB_FILE = "job.json"
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """train.py's config with these overrides, for scripts that run outside a Hydra app (the same conf/ tree)."""
-    from hydra import compose, initialize_config_dir
-
-    import dopd
-
-    with initialize_config_dir(config_dir=str(dopd.PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def build_router(cfg: DictConfig) -> RouterSpec:
-    """A router config -> RouterSpec. Each rule is a mapping, a list of mappings (losses add up) or null (dropped)."""
-    rules = {}
-    for name, rule in cfg.rules.items():
-        rule = OmegaConf.to_container(rule, resolve=True) if rule is not None else None
-        items = rule if isinstance(rule, list) else [] if rule is None else [rule]
-        for item in items:
-            unknown = set(item) - _RULE_KEYS
-            if unknown:
-                raise ValueError(f"router.rules.{name} has unknown keys {sorted(unknown)}; valid: {sorted(_RULE_KEYS)}")
-        try:
-            built = tuple(Rule(**item) for item in items)
-        except ValueError as err:  # name the rule: its values often come from router.top_k / beta_* interpolations
-            raise ValueError(f"router.rules.{name}: {err} (router.top_k, router.beta_light and router.beta_weak "
-                             f"fill the DOPD rules)") from None
-        rules[str(name)] = None if rule is None else built if isinstance(rule, list) else built[0]
-    return RouterSpec(
-        name=str(cfg.name), rules=rules, student_context=str(cfg.get("student_context", "plain")),
-        gap=GapSpec(**OmegaConf.to_container(cfg.get("gap", {}), resolve=True)),
-        prune=PruneSpec(**OmegaConf.to_container(cfg.get("prune", {}), resolve=True)),
-        temperature=float(cfg.get("temperature", 1.0)), chunk_size=int(cfg.get("chunk_size", 1024)),
-        trim_top=float(cfg.get("trim_top", 0.05)),
-    )
-
-
-def build_task(cfg: DictConfig):
-    """The task config -> a task; its own errors (bad data, bad settings) reach the user unwrapped by Hydra."""
-    spec = OmegaConf.to_container(cfg, resolve=True)
-    spec.pop("view", None)
-    try:
-        return hydra.utils.instantiate(spec)
-    except InstantiationException as err:  # Hydra prints these as one line: keep ours, without its wrapper
-        if isinstance(err.__cause__, (ValueError, FileNotFoundError, ImportError)):
-            raise InstantiationException(f"task: {err.__cause__}") from err.__cause__
-        raise
-
-
-def build_view(cfg: DictConfig, tokenizer, processor=None) -> PrivilegedView:
-    v = cfg.task.view
-    return PrivilegedView(tokenizer, plain=v.plain, privileged=v.privileged, empty_hint=v.empty_hint,
-                          chat=bool(cfg.model.get("chat", False)), chat_kwargs=OmegaConf.to_container(cfg.model.chat_kwargs, resolve=True) if cfg.model.get("chat_kwargs") else {},
-                          processor=processor)
 
 
 def world_size(trainer: DictConfig) -> int | None:

@@ -132,7 +132,7 @@ def check(section: str, values: dict):
 def _defaults() -> dict:
     from omegaconf import OmegaConf
 
-    from dopd.pipeline import compose_config
+    from dopd.build import compose_config
 
     cfg = compose_config([])
     return {name: OmegaConf.to_container(cfg[name], resolve=True) for name in SECTIONS}

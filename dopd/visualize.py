@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -78,6 +79,19 @@ def regime_png(rows: list[TokenRow], path: str, title: str = "DOPD routing") -> 
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def routing_page(folder: Path, router_name: str, step: int, prompts, tokenizer, tokens, regime, gap, q_s, q_t,
+                 token_loss, mask, correct=None) -> Path:
+    """Fig. 9 for one evaluation (`DistillModule.log_routing`): the sampled rows, each token decoded alone, written to
+    `folder/routing_step<step>.html` and the same rows to its `.png`; returns the HTML page's path."""
+    table = rows_from_batch(prompts, token_strings(tokenizer, tokens), regime, gap, q_s, q_t, token_loss, mask, correct)
+    folder.mkdir(parents=True, exist_ok=True)
+    title = f"{router_name} step {step}: token regimes (LH yellow, LL grey, HT green, HS blue)"
+    page = folder / f"routing_step{step:05d}.html"
+    page.write_text(regime_html(table, title))
+    regime_png(table, str(page.with_suffix(".png")), title)
+    return page
 
 
 def token_strings(tokenizer, tokens: torch.Tensor) -> list[list[str]]:

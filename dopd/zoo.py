@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dopd.build import build_task
 from dopd.evaluation import accuracy_table
 from dopd.models import tiny_qwen3
 from dopd.sft import SFTConfig, sft
@@ -66,8 +67,6 @@ def hint_form_accuracy(model, view, task, cfg: DictConfig, forms) -> dict[str, f
 
 def build(cfg: DictConfig, root: Path) -> dict:
     """Train (or find in the cache) the model `cfg.sft` describes; returns its card."""
-    from dopd.pipeline import build_task  # the pipeline imports this module lazily too
-
     s = cfg.sft
     out = Path(cfg.paths.output_dir) / "zoo" / f"{s.name}-{cache_key(cfg)}"
     if (out / "card.json").exists():

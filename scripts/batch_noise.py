@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dopd.module import build_optimizer  # noqa: E402
+from dopd.optim import build_optimizer  # noqa: E402
 from dopd.pipeline import compose_config  # noqa: E402
 
 TARGETS = ("gold", "teacher", "onpolicy")

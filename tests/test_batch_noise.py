@@ -11,7 +11,7 @@ import torch
 
 import dopd
 from tests.conftest import compose_cfg
-from dopd.module import lr_schedule
+from dopd.optim import lr_schedule
 
 spec = importlib.util.spec_from_file_location("batch_noise", dopd.PROJECT_ROOT / "scripts" / "batch_noise.py")
 batch_noise = importlib.util.module_from_spec(spec)
