@@ -90,7 +90,10 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         ) from err
 
 
-EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3.x's UI opens a "custom_model_development" experiment on its runs
+# Read by MLflow 3.x UIs that choose the experiment page from the experiment's kind; 3.18's UI ignores it and needs
+# `?workflowType=machine_learning` (the links below), else it opens on the GenAI "Send your first trace" page.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+WORKFLOW = "workflowType=machine_learning"
 UI_BASE = "http://127.0.0.1:5000"  # what `make ui` serves (the default SQLite store)
 
 
@@ -120,13 +123,13 @@ def ui_base(uri: str) -> str:
 
 
 def run_link(uri: str, exp_id: str, run_id: str) -> str:
-    """The MLflow UI page of one run (the UI routes `#/experiments/<id>/runs/<run id>`)."""
-    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs/{run_id}"
+    """The MLflow UI page of one run (the UI routes `#/experiments/<id>/runs/<run id>`), in its model-training mode."""
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs/{run_id}?{WORKFLOW}"
 
 
 def experiment_link(uri: str, exp_id: str) -> str:
     """The experiment's runs table; `workflowType=machine_learning` skips MLflow 3.x's GenAI 'first trace' page."""
-    return f"{ui_base(uri)}/#/experiments/{exp_id}?workflowType=machine_learning"
+    return f"{ui_base(uri)}/#/experiments/{exp_id}?{WORKFLOW}"
 
 
 def _serve_hint(uri: str) -> str:
@@ -361,7 +364,7 @@ class MLflowSweepCallback(Callback):
         exp = experiment_id(client, lc.experiment, artifact_location(uri, lc))
         overrides = sweep_overrides(config)
         swept = sweep_values(overrides)
-        name = lc.get("sweep_name") or f"sweep-{time.strftime('%Y-%m-%d-%H%M%S')}"
+        name = lc.get("sweep_name") or f"sweep-{time.strftime('%m%d-%H%M%S')}"  # fits the UI's name column
         run = client.create_run(exp, run_name=name, tags={
             "sweep": "true", "overrides": " ".join(overrides)[:5000],
             "git_commit": git_commit(Path(config.paths.root)),

@@ -36,7 +36,7 @@ def test_multirun_nests_children_under_one_parent(tmp_path):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     # the parent: a whole readable name, the swept keys as params, a description, the children's summary
-    assert re.fullmatch(r"sweep-\d{4}-\d{2}-\d{2}-\d{6}", parent.info.run_name), parent.info.run_name
+    assert re.fullmatch(r"sweep-\d{4}-\d{6}", parent.info.run_name), parent.info.run_name
     assert parent.data.params == {"sweep/router": "vanilla,dopd"}
     note = parent.data.tags["mlflow.note.content"]
     assert "python train.py -m router=vanilla,dopd" in note and "2 jobs" in note and "`model=tiny_random`" in note
@@ -53,8 +53,8 @@ def test_multirun_nests_children_under_one_parent(tmp_path):
     out = res.stdout
     base, eid = "http://127.0.0.1:5000/#/experiments/", exp.experiment_id
     for c in children:
-        assert f"MLflow run {c.info.run_name}: {base}{eid}/runs/{c.info.run_id}" in out
-    assert f"MLflow sweep {parent.info.run_name}: {base}{eid}/runs/{parent.info.run_id}" in out
+        assert f"MLflow run {c.info.run_name}: {base}{eid}/runs/{c.info.run_id}?workflowType=machine_learning" in out
+    assert f"MLflow sweep {parent.info.run_name}: {base}{eid}/runs/{parent.info.run_id}?workflowType=" in out
     assert f"{base}{eid}?workflowType=machine_learning" in out and "| dopd |" in out
     # job folders name their overrides (where outputs and the store go is left out)
     (sweep,) = (tmp_path / "multiruns").iterdir()
@@ -74,7 +74,8 @@ def test_sweep_params_and_description_name_what_varies():
 
 def test_links_open_the_runs_in_the_ui():
     sqlite, server = "sqlite:///outputs/mlflow.db", "http://127.0.0.1:5001/"
-    assert tracking.run_link(sqlite, "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert (tracking.run_link(sqlite, "3", "abc")
+            == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
     assert tracking.experiment_link(server, "3") == "http://127.0.0.1:5001/#/experiments/3?workflowType=machine_learning"
 
 
@@ -109,6 +110,9 @@ def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     assert good.info.status == "FINISHED" and "eval/acc/avg" in good.data.metrics
     (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
+    # the summary covers the finished child (keys without `=`, which MLflow refuses in metric names)
+    assert parent.data.metrics["summary/rollout.max_new_tokens:8/eval/acc/avg/n"] == 1
+    assert parent.data.params == {"sweep/rollout.max_new_tokens": "0,8"}
 
 
 @pytest.mark.slow
