@@ -77,6 +77,10 @@ def test_links_open_the_runs_in_the_ui():
     assert (tracking.run_link(sqlite, "3", "abc")
             == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
     assert tracking.experiment_link(server, "3") == "http://127.0.0.1:5001/#/experiments/3?workflowType=machine_learning"
+    import dopd
+
+    assert tracking._serve_hint(f"sqlite:///{dopd.PROJECT_ROOT}/outputs/mlflow.db") == " (serve it with `make ui`)"
+    assert "mlflow ui --backend-store-uri sqlite:////x/y.db" in tracking._serve_hint("sqlite:////x/y.db")
 
 
 def test_a_single_run_is_named_by_its_overrides_that_change_results(tmp_path):
