@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -88,16 +90,61 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         ) from err
 
 
+# Read by MLflow 3.x UIs that choose the experiment page from the experiment's kind; 3.18's UI ignores it and needs
+# `?workflowType=machine_learning` (the links below), else it opens on the GenAI "Send your first trace" page.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+WORKFLOW = "workflowType=machine_learning"
+UI_BASE = "http://127.0.0.1:5000"  # what `make ui` serves (the default SQLite store)
+
+
 def experiment_id(client: mlflow.MlflowClient, name: str, artifact_location: str | None) -> str:
     import mlflow
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_location,
+                                              tags={EXPERIMENT_KIND: "custom_model_development"})
+            return exp_id
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+            exp = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND not in exp.tags:  # made before this tag, or by someone else: training runs all the same
+        try:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        except Exception as err:  # noqa: BLE001 (a read-only server: the link's workflowType still works)
+            log.debug("could not tag experiment %s: %s", name, err)
+    return exp.experiment_id
+
+
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI for this store is: the tracking server itself, else `make ui`'s http://127.0.0.1:5000
+    (right for the default store; for another SQLite file, serve it with `mlflow ui --backend-store-uri <uri>`)."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_BASE
+
+
+def run_link(uri: str, exp_id: str, run_id: str) -> str:
+    """The MLflow UI page of one run (the UI routes `#/experiments/<id>/runs/<run id>`), in its model-training mode."""
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs/{run_id}?{WORKFLOW}"
+
+
+def experiment_link(uri: str, exp_id: str) -> str:
+    """The experiment's runs table; `workflowType=machine_learning` skips MLflow 3.x's GenAI 'first trace' page."""
+    return f"{ui_base(uri)}/#/experiments/{exp_id}?{WORKFLOW}"
+
+
+def _serve_hint(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return ""
+    default = Path(dopd_root()) / "outputs" / "mlflow.db"
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).resolve() == default.resolve():
+        return " (serve it with `make ui`)"
+    return f" (serve it with `mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000`)"
+
+
+def dopd_root() -> str:
+    import dopd
+
+    return str(dopd.PROJECT_ROOT)
 
 
 def git_commit(root: Path) -> str:
@@ -124,16 +171,34 @@ def parent_run_id() -> str | None:
     return None
 
 
+# Left out of run names: where things go and settings that cannot change a result (dopd.checkpoints.NOT_IN_JOB_KEY)
+NOT_IN_RUN_NAME = ("hydra", "resume", "logger", "paths", "rich_progress", "num_threads", "checkpoint_every",
+                   "continue_on_error", "export_student", "trainer.enable_progress_bar",
+                   "trainer.enable_model_summary")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def run_name(cfg: DictConfig) -> str:
-    """`<router>-seed<seed>`, plus this job's value of every other key the sweep varies (unique within a sweep)."""
+    """`<router>-seed<seed>`, plus what sets this run apart in its experiment: in a sweep, this job's value of every
+    other key the sweep varies (the keys it fixes are on the parent run); alone, every other override that can
+    change a result (`dopd-seed1-model=tiny_random,trainer.max_steps=2`; not paths, logger.* or progress bars)."""
     if cfg.logger.get("run_name"):
         return str(cfg.logger.run_name)
     name = f"{cfg.router.name}-seed{cfg.seed}"
-    swept = set(filter(None, os.environ.get(SWEEP_KEYS_ENV, "").split(","))) - {"router", "seed"}
-    if swept and HydraConfig.initialized():
-        extra = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
-        if extra:
-            name += "-" + ",".join(extra)
+    if not HydraConfig.initialized():
+        return name
+    overrides = list(HydraConfig.get().overrides.task)
+    if in_multirun():
+        swept = set(filter(None, os.environ.get(SWEEP_KEYS_ENV, "").split(","))) - {"router", "seed"}
+        extra = [o for o in overrides if _key(o) in swept]
+    else:
+        extra = [o for o in overrides if _key(o) not in ("router", "seed")  # already in the name
+                 and not any(_key(o) == x or _key(o).startswith(x + ".") for x in NOT_IN_RUN_NAME)]
+    if extra:
+        name += "-" + ",".join(extra)
     return name[:250]
 
 
@@ -158,8 +223,40 @@ def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
     parent = parent_run_id()
     if parent:
         tags["mlflow.parentRunId"] = parent
-    return MLFlowLogger(experiment_name=lc.experiment, run_name=run_name(cfg), tracking_uri=uri, tags=tags,
-                        artifact_location=artifact_location(uri, lc), log_model=False, run_id=lc.get("run_id"))
+    # the experiment first, so that a new one is tagged as model training (MLFlowLogger would create it untagged)
+    experiment_id(mlflow_client(uri), str(lc.experiment), artifact_location(uri, lc))
+    logger = MLFlowLogger(experiment_name=lc.experiment, run_name=run_name(cfg), tracking_uri=uri, tags=tags,
+                          artifact_location=artifact_location(uri, lc), log_model=False, run_id=lc.get("run_id"))
+    _job_logger[:] = [logger]  # for the link printed at the end of the job (MLflowSweepCallback.on_job_end)
+    return logger
+
+
+_job_logger: list = []  # this process's current job's MLFlowLogger
+
+
+def mlflow_client(uri: str) -> mlflow.MlflowClient:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def print_job_link() -> None:
+    """`MLflow run <name>: <link>` for the job that just ended in this process, if it opened a run."""
+    logger = _job_logger.pop() if _job_logger else None
+    run_id, exp_id = getattr(logger, "_run_id", None), getattr(logger, "_experiment_id", None)
+    if not run_id:  # stopped before its MLflow run opened (a config error): no link
+        return
+    uri = logger._tracking_uri
+    try:
+        run = mlflow_client(uri).get_run(run_id)
+        exp_id, name = run.info.experiment_id, run.info.run_name
+    except Exception as err:  # noqa: BLE001 (a link is a courtesy: never fail a job for it)
+        log.debug("no MLflow link: %s", err)
+        if not exp_id:
+            return
+        name = run_id
+    hint = "" if in_multirun() else _serve_hint(uri)  # a sweep says it once, at its end
+    print(f"MLflow run {name}: {run_link(uri, exp_id, run_id)}{hint}", flush=True)
 
 
 def artifact_location(uri: str, lc: DictConfig) -> str | None:
@@ -176,27 +273,120 @@ def sweep_overrides(config: DictConfig) -> list[str]:
     return list(merged.values())
 
 
+def sweep_values(overrides: list[str]) -> dict[str, list[str]]:
+    """{swept key: its values} (`router=vanilla,dopd` -> ["vanilla", "dopd"]; a glob's values: [])."""
+    from dopd.report import sweep_overrides as parse
+
+    return parse(" ".join(overrides))
+
+
+def sweep_description(overrides: list[str], swept: dict[str, list[str]], name: str) -> str:
+    """The parent run's description (`mlflow.note.content`, Markdown): the command and what its children are."""
+    fixed = [o for o in overrides if _key(o) not in swept]
+    sizes = [len(v) for v in swept.values()]
+    jobs = math.prod(sizes) if sizes and all(sizes) else None
+    lines = [f"**Sweep `{name}`**: `python train.py -m {' '.join(overrides)}`", ""]
+    if swept:
+        lines.append(f"Children: {jobs if jobs is not None else 'one'} job{'s' if jobs != 1 else ''}, one per "
+                     "combination of " + " × ".join(f"`{k}` ∈ {{{', '.join(v) or '…'}}}" for k, v in swept.items())
+                     + " (each named `<router>-seed<seed>` plus its other swept values).")
+    if fixed:
+        lines.append("Fixed for every child: " + " ".join(f"`{o}`" for o in fixed) + ".")
+    lines.append("At the end: `summary/...` metrics and `summary.md`, the mean ± std over seeds of each group's "
+                 "final `eval/acc/*` (groups: the swept keys other than seed).")
+    return "\n".join(lines)
+
+
+def _label_part(text: str) -> str:
+    """A metric-name-safe piece: MLflow allows letters, digits, `_ - . / : ` and spaces, no `=` or `,`."""
+    return re.sub(r"[^\w.\-]", "_", str(text))
+
+
+def summarize_sweep(client, parent_id: str, experiment: str) -> str | None:
+    """Log on the parent run, per group of its children (the swept keys other than seed), the mean, std and n over
+    seeds of each final `eval/acc/*` (`summary/router:dopd/eval/acc/avg/mean`), and the Markdown table
+    `summary.md` (dopd.report's table: % over seeds, with the teacher and student-start rows when logged).
+    Returns the table, or None when no child finished."""
+    import tempfile
+
+    from mlflow.entities import Metric
+
+    from dopd import report as rp
+
+    try:
+        parent, finished, skipped = rp.select_runs(client, experiment, parent=parent_id)
+    except rp.ReportError as err:
+        log.warning("no sweep summary: %s", err)
+        return None
+    runs = [rp.load_run(client, r, ()) for r in finished]
+    swept = rp.sweep_overrides(parent.data.tags.get("overrides", ""))
+    keys = [k for k in swept if k != "seed"]
+    groups = rp.group_runs(runs, keys, swept)
+    now = int(time.time() * 1000)
+    metrics = []
+    for g in groups:
+        label = "/".join(f"{_label_part(k)}:{_label_part(v)}" for k, v in g.values.items()) or "all"
+        for m in sorted({m for r in g.runs for m in r.final if m.startswith(rp.ACC)}):
+            stat = rp.summarize([r.final.get(m) for r in g.runs])
+            for what, value in (("mean", stat.mean), ("std", stat.std), ("n", stat.n)):
+                if not math.isnan(value):
+                    metrics.append(Metric(f"summary/{label}/{m}/{what}", float(value), now, 0))
+    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(parent_id, metrics=metrics[i:i + 1000])
+    columns = rp.split_columns({m for r in runs for m in r.final})
+    columns += [rp.AVG] if any(rp.ACC + "avg" in r.final for r in runs) else []
+    if not columns:
+        log.warning("no sweep summary: the finished children logged no %s* metric", rp.ACC)
+        return None
+    table = rp.build_table(groups, columns, f"{experiment}: sweep `{parent.info.run_name}`")
+    table.note = (f"{len(runs)} finished child run(s) in {len(groups)} group(s)"
+                  + (f" by {', '.join(keys)}" if keys else "") + "; final-step accuracy without p in %, mean ± std "
+                  "over seeds." + (f" Skipped: {', '.join(skipped)}." if skipped else ""))
+    markdown = rp.to_markdown(table)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "summary.md"
+        path.write_text(markdown)
+        client.log_artifact(parent_id, str(path))
+    return markdown
+
+
 class MLflowSweepCallback(Callback):
-    """Opens a parent run before a multirun's first job and closes it after the last."""
+    """Opens a parent run before a multirun's first job and closes it after the last, with the sweep's summary;
+    prints the MLflow link of every job and of the sweep."""
 
     def _open(self, config: DictConfig) -> None:
         import mlflow
+        from mlflow.entities import Param
 
         lc = config.logger
         uri = check_tracking_uri(str(lc.tracking_uri))
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp = experiment_id(client, lc.experiment, artifact_location(uri, lc))
         overrides = sweep_overrides(config)
-        name = lc.get("sweep_name") or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = client.create_run(exp, run_name=name, tags={"sweep": "true", "overrides": " ".join(overrides)[:5000],
-                                                          "git_commit": git_commit(Path(config.paths.root))})
-        self.client, self.run_id = client, run.info.run_id
+        swept = sweep_values(overrides)
+        name = lc.get("sweep_name") or f"sweep-{time.strftime('%m%d-%H%M%S')}"  # fits the UI's name column
+        run = client.create_run(exp, run_name=name, tags={
+            "sweep": "true", "overrides": " ".join(overrides)[:5000],
+            "git_commit": git_commit(Path(config.paths.root)),
+            "mlflow.note.content": sweep_description(overrides, swept, name)[:5000]})
+        params = [Param(f"sweep/{k}", (",".join(v) or next(o for o in overrides if _key(o) == k).split("=", 1)[1])
+                        [:5000]) for k, v in swept.items()]
+        if params:
+            client.log_batch(run.info.run_id, params=params)
+        self.client, self.run_id, self.uri, self.exp_id = client, run.info.run_id, uri, exp
+        self.experiment, self.name = str(lc.experiment), name
         os.environ[PARENT_ENV] = run.info.run_id
         os.environ[SWEEP_KEYS_ENV] = ",".join(swept_keys(overrides))
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
         log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        _job_logger.clear()
+
+    def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
+        print_job_link()
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         catch_signals()  # a signal between jobs must also reach Python code, so that the parent run gets closed
@@ -206,7 +396,19 @@ class MLflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         failures = self._failures()
+        summary, run_id = None, getattr(self, "run_id", None)
+        if run_id:
+            try:
+                summary = summarize_sweep(self.client, self.run_id, self.experiment)
+            except Exception as err:  # noqa: BLE001 (the runs are all logged; only the summary is missing)
+                log.error("could not summarize the sweep on its MLflow parent run: %s", err)
         self._close("FAILED" if failures else "FINISHED", failures)
+        if summary:
+            print("\n" + summary, flush=True)
+        if run_id:
+            print(f"MLflow sweep {self.name}: {run_link(self.uri, self.exp_id, run_id)}\n"
+                  f"MLflow runs of experiment {self.experiment}: {experiment_link(self.uri, self.exp_id)}"
+                  f"{_serve_hint(self.uri)}", flush=True)
         if failures:
             log.error("%d job(s) of this sweep failed (their MLflow runs are marked FAILED or KILLED):\n  %s",
                       len(failures), "\n  ".join(failures))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import mlflow
 import pytest
 
-from tests.conftest import CONF, FAST
+from dopd import tracking
+from tests.conftest import CONF, FAST, compose_cfg
 
 
 @pytest.mark.slow
@@ -19,7 +21,9 @@ def test_multirun_nests_children_under_one_parent(tmp_path):
     res = subprocess.run(cmd, cwd=CONF.rsplit("/", 1)[0], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
+    exp = client.get_experiment_by_name("dopd")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3.x opens it on its runs
+    runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
@@ -29,12 +33,66 @@ def test_multirun_nests_children_under_one_parent(tmp_path):
         assert c.info.status == "FINISHED"
         assert c.data.params["router/name"] == c.data.tags["router"]
         assert {"train/loss", "eval/acc/avg"} <= set(c.data.metrics)
-    assert parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    # the parent: a whole readable name, the swept keys as params, a description, the children's summary
+    assert re.fullmatch(r"sweep-\d{4}-\d{6}", parent.info.run_name), parent.info.run_name
+    assert parent.data.params == {"sweep/router": "vanilla,dopd"}
+    note = parent.data.tags["mlflow.note.content"]
+    assert "python train.py -m router=vanilla,dopd" in note and "2 jobs" in note and "`model=tiny_random`" in note
+    by_router = {c.data.tags["router"]: c for c in children}
+    for router, child in by_router.items():
+        for m in ("eval/acc/avg", "eval/acc/test"):
+            assert parent.data.metrics[f"summary/router:{router}/{m}/mean"] == pytest.approx(child.data.metrics[m])
+        assert parent.data.metrics[f"summary/router:{router}/eval/acc/avg/n"] == 1
+        assert f"summary/router:{router}/eval/acc/avg/std" not in parent.data.metrics  # one seed: no std
+    assert "summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = open(client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read()
+    assert "| vanilla |" in table and "| dopd |" in table and "Avg" in table
+    # printed: each job's link, the table and the sweep's links (the default `make ui` address for SQLite)
+    out = res.stdout
+    base, eid = "http://127.0.0.1:5000/#/experiments/", exp.experiment_id
+    for c in children:
+        assert f"MLflow run {c.info.run_name}: {base}{eid}/runs/{c.info.run_id}?workflowType=machine_learning" in out
+    assert f"MLflow sweep {parent.info.run_name}: {base}{eid}/runs/{parent.info.run_id}?workflowType=" in out
+    assert f"{base}{eid}?workflowType=machine_learning" in out and "| dopd |" in out
     # job folders name their overrides (where outputs and the store go is left out)
     (sweep,) = (tmp_path / "multiruns").iterdir()
     names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert [n.split("_", 1)[0] for n in names] == ["0", "1"]
     assert "router=vanilla" in names[0] and "router=dopd" in names[1] and "tracking_uri" not in names[0]
+
+
+def test_sweep_params_and_description_name_what_varies():
+    overrides = ["router=vanilla,dopd", "seed=range(1,4)", "trainer.max_steps=2"]
+    swept = tracking.sweep_values(overrides)
+    assert swept == {"router": ["vanilla", "dopd"], "seed": ["1", "2", "3"]}
+    note = tracking.sweep_description(overrides, swept, "mine")
+    assert "`python train.py -m router=vanilla,dopd seed=range(1,4) trainer.max_steps=2`" in note
+    assert "6 jobs" in note and "`seed` ∈ {1, 2, 3}" in note and "Fixed for every child: `trainer.max_steps=2`" in note
+
+
+def test_links_open_the_runs_in_the_ui():
+    sqlite, server = "sqlite:///outputs/mlflow.db", "http://127.0.0.1:5001/"
+    assert (tracking.run_link(sqlite, "3", "abc")
+            == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert tracking.experiment_link(server, "3") == "http://127.0.0.1:5001/#/experiments/3?workflowType=machine_learning"
+    import dopd
+
+    assert tracking._serve_hint(f"sqlite:///{dopd.PROJECT_ROOT}/outputs/mlflow.db") == " (serve it with `make ui`)"
+    assert "mlflow ui --backend-store-uri sqlite:////x/y.db" in tracking._serve_hint("sqlite:////x/y.db")
+
+
+def test_a_single_run_is_named_by_its_overrides_that_change_results(tmp_path):
+    cfg = compose_cfg(["router=dopd", "seed=2", "trainer.max_steps=7", "router.top_k=4", "rich_progress=false",
+                       "+trainer.enable_model_summary=false", f"logger.tracking_uri=sqlite:///{tmp_path}/x.db"],
+                      tmp_path)
+    assert tracking.run_name(cfg) == "dopd-seed2-trainer.max_steps=7,router.top_k=4"
+    cfg = compose_cfg(["router=dopd"], tmp_path)
+    assert tracking.run_name(cfg) == "dopd-seed1"
+    from dopd.checkpoints import NOT_IN_JOB_KEY
+
+    assert set(tracking.NOT_IN_RUN_NAME) == set(NOT_IN_JOB_KEY)  # what cannot change a result names no run
 
 
 @pytest.mark.slow
@@ -56,6 +114,9 @@ def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     assert good.info.status == "FINISHED" and "eval/acc/avg" in good.data.metrics
     (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
+    # the summary covers the finished child (keys without `=`, which MLflow refuses in metric names)
+    assert parent.data.metrics["summary/rollout.max_new_tokens:8/eval/acc/avg/n"] == 1
+    assert parent.data.params == {"sweep/rollout.max_new_tokens": "0,8"}
 
 
 @pytest.mark.slow

@@ -44,11 +44,16 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_logs_to_a_tracking_server(mlflow_server, tmp_path):
+def test_run_logs_to_a_tracking_server(mlflow_server, tmp_path, capsys):
+    from dopd.tracking import print_job_link
+
     run(compose_cfg([*FAST, "router=dopd", f"logger.tracking_uri={mlflow_server}"], tmp_path))
     client = mlflow.MlflowClient(mlflow_server)
     (r,) = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
-    assert r.info.status == "FINISHED" and r.info.run_name == "dopd-seed1"
+    assert r.info.status == "FINISHED" and r.info.run_name.startswith("dopd-seed1-model=tiny_random,")
     assert {"train/loss", "eval/acc/avg"} <= set(r.data.metrics)
     paths = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert "config.yaml" in paths and "routing" in paths  # artifacts went through the server
+    print_job_link()  # what train.py's job end prints: the server's own UI
+    link = f"{mlflow_server}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}?workflowType=machine_learning"
+    assert f"MLflow run {r.info.run_name}: {link}\n" in capsys.readouterr().out

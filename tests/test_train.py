@@ -26,7 +26,7 @@ def test_every_router_trains_and_logs(router, tmp_path, tracking_uri):
     assert 0.0 <= acc <= 1.0
     client, runs = _runs(tracking_uri)
     (r,) = runs
-    assert r.info.status == "FINISHED" and r.info.run_name == f"{router}-seed1"
+    assert r.info.status == "FINISHED" and r.info.run_name.startswith(f"{router}-seed1-model=tiny_random,")
     assert r.data.tags["router"] == router and r.data.tags["pair"] == "tiny-random"
     assert r.data.params["router/name"] == router
     for key in ("train/loss", "train/entropy", "train/response_len", "eval/acc/test", "eval/acc/ood", "eval/acc/avg"):
