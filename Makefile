@@ -29,7 +29,7 @@ train: install  ## the default job; extra Hydra overrides: make train ARGS="rout
 demo: install  ## a first result in under a minute: the default job cut to 10 steps, logged to MLflow experiment 'demo'
 	$(BIN)/python train.py trainer.max_steps=10 eval.every=5 data.n_eval=64 logger.experiment=demo $(ARGS)
 	@echo "The 'final evaluation' line above is the student's greedy accuracy without p (eval/acc/test, ood, avg)."
-	@echo "Open it in MLflow: make ui, then http://127.0.0.1:5000, experiment 'demo' (MLflow 3.x: the 'Model training' toggle)."
+	@echo "Open it in MLflow: make ui, then the run link printed above (or http://127.0.0.1:5000, experiment 'demo', 'Model training' toggle)."
 
 test: install  ## the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q -n $(WORKERS)
