@@ -7,6 +7,8 @@ names below load on first use, so `python train.py --help` and shell completion 
 from importlib import import_module
 from pathlib import Path
 
+from dopd.settings import NOT_A_RESULT
+
 from omegaconf import OmegaConf
 
 _LAZY = {"divergence": "dopd.divergences", "full_divergence": "dopd.divergences", "topk_divergence": "dopd.divergences",
@@ -51,8 +53,7 @@ def safe_dirname(text: str, limit: int = 80) -> str:
 
 
 # Left out of sweep folder names: where outputs and the store go, and settings that change no result.
-_NOT_IN_DIRNAME = ("paths.", "logger.", "hydra.", "resume", "rich_progress", "verbose", "num_threads",
-                   "continue_on_error", "trainer.enable_progress_bar", "trainer.enable_model_summary")
+_NOT_IN_DIRNAME = tuple(k + "." if k in ("paths", "logger", "hydra") else k for k in NOT_A_RESULT)
 
 
 def job_dirname(limit: int = 80) -> str:

@@ -26,13 +26,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from dopd.settings import NOT_A_RESULT
+
 log = logging.getLogger(__name__)
 JOB_ENTRY = "dopd_job"  # the checkpoint's {"key", "settings"}
 LAST = "last.ckpt"
 # Settings that cannot change the trained weights or the logged metrics: a resume with other values is the same job.
 # (num_threads can change the last bit of CPU float reductions; it is still treated as cosmetic.)
-NOT_IN_JOB_KEY = ("hydra", "resume", "logger", "paths", "rich_progress", "verbose", "num_threads",
-                  "checkpoint_every", "continue_on_error", "export_student", "trainer.enable_progress_bar", "trainer.enable_model_summary")
+NOT_IN_JOB_KEY = NOT_A_RESULT
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -15,6 +15,12 @@ import typing
 from dataclasses import dataclass
 
 
+# Top-level keys that change no trained weight or metric: where things go and how the console looks. One list, read
+# by the job key (a resume finds the same job), run names and sweep folder names.
+NOT_A_RESULT = ("hydra", "resume", "logger", "paths", "rich_progress", "verbose", "num_threads", "checkpoint_every",
+                "continue_on_error", "export_student", "trainer.enable_progress_bar", "trainer.enable_model_summary")
+
+
 class ConfigError(ValueError):
     """A config value that cannot run; its message is one line naming the key."""
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from dopd.settings import NOT_A_RESULT
 
 if TYPE_CHECKING:  # mlflow and lightning load in the functions that use them: Hydra imports this module for its
     import mlflow  # sweep callback, and `--help` or a config error should not wait for them
@@ -172,9 +173,7 @@ def parent_run_id() -> str | None:
 
 
 # Left out of run names: where things go and settings that cannot change a result (dopd.checkpoints.NOT_IN_JOB_KEY)
-NOT_IN_RUN_NAME = ("hydra", "resume", "logger", "paths", "rich_progress", "num_threads", "checkpoint_every",
-                   "continue_on_error", "export_student", "trainer.enable_progress_bar",
-                   "trainer.enable_model_summary")
+NOT_IN_RUN_NAME = NOT_A_RESULT
 
 
 def _key(override: str) -> str:
