@@ -93,6 +93,19 @@ def math_equal(pred: str | None, gold: str) -> bool:
         return False
 
 
+def gold_parses(gold: str) -> bool:
+    """Whether math-verify reads `gold` as math (a number, expression, set, interval, equation) or it is a yes/no
+    word. If not, math-verify hands back only the text, and only a response with that exact text could score it."""
+    g = gold.strip()
+    if _normalise(g) in _WORDS or _NUMBER.fullmatch(g):
+        return True
+    try:
+        parsed = _parse_gold(g, TIMEOUT_S if _in_main_thread() else None)  # also warms the cache math_equal uses
+    except (Exception, TimeoutException):
+        return False
+    return any(not isinstance(x, str) for x in parsed)
+
+
 def is_correct(response: str, golds: str | list[str] | tuple[str, ...]) -> bool:
     """Extract the response's final answer and compare it with any of the accepted gold forms."""
     pred = extract_boxed_or_last(response)

@@ -6,6 +6,7 @@ CPU testbed exercises exactly the code path of Qwen3-8B -> Qwen3-1.7B.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,57 @@ def resolve_path(path: str, root: str | Path | None) -> str:
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _looks_like_path(value: str, root: str | Path | None) -> bool:
+    """`./x`, `/x`, `~/x`, or `a/b/...` whose first folder exists here or under the root; `Qwen/Qwen3-8B` is a hub id."""
+    if "/" not in value:
+        return False
+    if value.startswith((".", "/", "~")):
+        return True
+    first = value.split("/", 1)[0]
+    return Path(first).exists() or (root is not None and (Path(root) / first).exists())
+
+
+def _check_local(key: str, value: str, root: str | Path | None, role: str | None = None) -> None:
+    """Before anything loads: a path that names no folder, safetensors cut short, a model folder without tokenizer."""
+    path = Path(resolve_path(value, root)).expanduser()
+    if _looks_like_path(value, root) and not path.exists():
+        raise FileNotFoundError(f"{key}={value}: no such folder ({path.absolute()}); fix the path (relative paths are "
+                                "tried from the working directory, then the project root) or use a hub id"
+                                + ("; the shipped zoo is rebuilt by `make zoo`" if value.startswith("zoo/") else ""))
+    if not path.is_dir():
+        return
+    for f in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            raise ValueError(f"{key}={value}: {f} is {problem} (an interrupted download or copy?); download or copy "
+                             f"the {role or 'model'} again")
+    if role is None and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{key}={value}: the folder has no tokenizer files (none of {', '.join(TOKENIZER_FILES)});"
+                                " copy them from the model's original checkout, or point the setting at a folder "
+                                "that has them")
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """Reads the header only: its length, its JSON, and whether the file is as long as the header says."""
+    size = f.stat().st_size
+    try:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or 8 + n > size:
+                return f"truncated ({size} bytes, shorter than its header)"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as err:
+        return f"unreadable ({type(err).__name__}: {err})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return None if 8 + n + end <= size else f"truncated ({size} bytes of {8 + n + end})"
+
+
 def load_model(spec: dict, vocab_size: int | None = None, root: str | Path | None = None,
-               tokenizer: PreTrainedTokenizerBase | None = None, vision: bool = False) -> PreTrainedModel:
+               tokenizer: PreTrainedTokenizerBase | None = None, vision: bool = False,
+               role: str = "model") -> PreTrainedModel:
     """One model: `source: random` builds a tiny Qwen3 (Qwen3-VL when `vision`) from `arch`, `pretrained` loads."""
     source = spec.get("source", "pretrained")
     dtype = _DTYPES[str(spec.get("dtype", "float32"))]
@@ -74,11 +124,18 @@ def load_model(spec: dict, vocab_size: int | None = None, root: str | Path | Non
         try:
             return auto.from_pretrained(path, dtype=dtype, **spec.get("kwargs", {}))
         except OSError as err:
+            if Path(path).is_dir():
+                raise OSError(f"model.{role}.path={spec['path']}: the folder {path} could not be loaded as the {role} "
+                              f"({type(err).__name__}: {err})".replace("\n", " ")) from err
             raise FileNotFoundError(
                 f"model path {path!r} is neither a local directory nor a reachable hub id ({err.__class__.__name__}). "
                 "Point model.student.path / model.teacher.path at a local checkout, or rebuild the shipped zoo "
                 "with `make zoo`."
             ) from err
+        except Exception as err:  # e.g. safetensors' "incomplete metadata", which names neither file nor model
+            raise RuntimeError(f"model.{role}.path={spec['path']}: loading the {role} from {path} failed "
+                               f"({type(err).__name__}: {err}); the checkpoint may be damaged: download or copy it "
+                               "again".replace("\n", " ")) from err
     raise ValueError(f"model source {source!r} unknown; use 'pretrained' (hub id or path) or 'random'")
 
 
@@ -132,6 +189,9 @@ def check_same_tokenizer(cfg: dict, tokenizer: PreTrainedTokenizerBase, root: st
         if spec.get("source", "pretrained") != "pretrained" or str(spec.get("path")) == source:
             continue
         path = resolve_path(str(spec["path"]), root)
+        if Path(path).is_dir() and not any((Path(path) / n).is_file() for n in TOKENIZER_FILES):
+            log.debug("model.%s at %s ships no tokenizer files; not compared with model.tokenizer", role, path)
+            continue  # a folder with only a config loads as a 1-token tokenizer, which is no tokenizer
         try:
             own = AutoTokenizer.from_pretrained(path)
         except Exception:  # no tokenizer files there, or an unreachable hub id: nothing to compare with
@@ -158,6 +218,12 @@ def load_pair(cfg: dict, root: str | Path | None = None) -> Pair:
     if modality not in ("text", "vision"):
         raise ValueError(f"model.modality={modality!r} is not one of ('text', 'vision')")
     vision, processor = modality == "vision", None
+    for role in ("student", "teacher"):  # before the tokenizer and the (slow) models load
+        if cfg[role].get("source", "pretrained") == "pretrained":
+            _check_local(f"model.{role}.path", str(cfg[role]["path"]), root, role)
+    key = "processor" if vision else "tokenizer"
+    if str(cfg.get(key, "char")) != "char":
+        _check_local(f"model.{key}", str(cfg[key]), root)
     if vision:
         from dopd.vision import load_processor
 
@@ -168,10 +234,12 @@ def load_pair(cfg: dict, root: str | Path | None = None) -> Pair:
     else:
         tokenizer = load_tokenizer(cfg, root)
     check_same_tokenizer(cfg, tokenizer, root)  # before the (slow) model loads
-    student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
+    student = load_model(cfg["student"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision,
+                         role="student")
     if cfg["student"].get("gradient_checkpointing", False):
         # Recompute each decoder layer in the backward instead of storing its activations (long responses on GPUs).
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision)
+    teacher = load_model(cfg["teacher"], vocab_size=len(tokenizer), root=root, tokenizer=tokenizer, vision=vision,
+                         role="teacher")
     check_vocab(student, teacher, tokenizer, cfg.get("name", "pair"))
     return Pair(student, teacher, tokenizer, cfg.get("name", "pair"), processor)

@@ -145,3 +145,67 @@ def test_train_py_reports_a_broken_file_in_one_line_and_marks_the_run_failed(tmp
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
     assert run.info.status == "FAILED" and 'missing required field "privileged"' in run.data.tags["error"]
+
+
+def _one_line(err, where: str, *words):
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(where), msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_a_duplicate_key_is_named_not_silently_overwritten(tmp_path):
+    with pytest.raises(ValueError) as err:
+        _task(tmp_path, GOOD, '{"prompt": "a", "privileged": "b", "answer": "1", "answer": "2"}')
+    _one_line(err, f"{tmp_path / 'train.jsonl'}:2: ", 'field "answer" appears more than once', "keep one")
+
+
+def test_a_gold_answer_math_verify_cannot_parse_is_named(tmp_path):
+    with pytest.raises(ValueError) as err:
+        _task(tmp_path, GOOD, {**GOOD, "answer": "\\frac{1}{2"})
+    _one_line(err, f"{tmp_path / 'train.jsonl'}:2: ", 'field "answer"', "math-verify can", "task.check_answers=false")
+    task = _task(tmp_path, GOOD, {**GOOD, "answer": "\\frac{1}{2"}, check_answers=False)  # the opt-out
+    assert len(task.rows["train"]) == 2
+    _task(tmp_path, *({**GOOD, "answer": a} for a in ("yes", "Paris", "(1,2]", "x^{2}", "-3.5")))  # all parse
+
+
+def test_an_overlong_line_is_named_with_the_limit(tmp_path):
+    with pytest.raises(ValueError) as err:
+        _task(tmp_path, GOOD, {**GOOD, "prompt": "x" * 10_000_000})
+    _one_line(err, f"{tmp_path / 'train.jsonl'}:2: ", "task.max_line_bytes=1048576")
+    with pytest.raises(ValueError, match=r"train.jsonl:1: .*task.max_line_bytes=100 "):
+        _task(tmp_path, {**GOOD, "prompt": "x" * 200}, max_line_bytes=100)
+
+
+def test_an_evaluation_split_equal_to_the_training_file_is_refused(tmp_path):
+    train = _write(tmp_path / "train.jsonl", GOOD, {**GOOD, "prompt": "q2"})
+    with pytest.raises(ValueError) as err:
+        JsonlTask(files={"train": train, "test": train})
+    _one_line(err, "task.files.test: ", "is the same file as task.files.train", "held-out")
+    copy = _write(tmp_path / "copy.jsonl", GOOD, {**GOOD, "prompt": "q2"})
+    with pytest.raises(ValueError) as err:
+        JsonlTask(files={"train": train, "test": _write(tmp_path / "t.jsonl", GOOD), "ood": copy})
+    _one_line(err, f"task.files.ood: {copy} has the same content as task.files.train")
+
+
+def test_non_utf8_bytes_are_named_with_file_line(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError) as err:
+        JsonlTask(files={"train": str(tmp_path / "latin1.jsonl"), "test": _write(tmp_path / "t.jsonl", GOOD)})
+    _one_line(err, f"{tmp_path / 'latin1.jsonl'}:2: not UTF-8 text", "at byte 16 of the line")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image", "empty"])
+def test_an_image_pil_cannot_open_is_named_with_file_line(tmp_path, damage):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for name, fmt in (("a.png", "PNG"), ("a.jpg", "JPEG")):
+        Image.effect_noise((64, 64), 40).convert("RGB").save(tmp_path / "img" / name, fmt)
+    for name in ("a.png", "a.jpg"):
+        f = tmp_path / "img" / name
+        data = f.read_bytes()
+        f.write_bytes({"truncated": data[: len(data) // 2], "not_an_image": b"<html>404</html>", "empty": b""}[damage])
+        with pytest.raises(ValueError) as err:
+            _task(tmp_path, GOOD, {**GOOD, "image": f"img/{name}"})
+        _one_line(err, f"{tmp_path / 'train.jsonl'}:2: ", f'field "image" names {f}, which PIL cannot open')

@@ -234,3 +234,64 @@ def test_student_gradient_checkpointing_changes_no_gradient(tmp_path):
         grads.append([p.grad.clone() for p in student.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def _pair_cfg(student: str, teacher: str, tokenizer: str | None = None) -> dict:
+    return {"name": "x", "tokenizer": tokenizer or student, "student": {"source": "pretrained", "path": student},
+            "teacher": {"source": "pretrained", "path": teacher}}
+
+
+@pytest.mark.parametrize("missing", ["./nope/student", "/nope/student", "~/nope/student", "tests/nope"])
+def test_a_missing_model_folder_is_named_not_taken_for_a_hub_id(checkpoints, missing):
+    with pytest.raises(FileNotFoundError) as err:
+        load_pair(_pair_cfg(missing, checkpoints["teacher"], tokenizer=checkpoints["student"]))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"model.student.path={missing}: no such folder"), msg
+    assert "Repo id" not in msg
+
+
+def test_a_truncated_safetensors_names_the_role_and_the_file_before_loading(checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    import dopd.models
+
+    broken = tmp_path / "teacher"
+    shutil.copytree(checkpoints["teacher"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(dopd.models, "load_model", lambda *a, **k: pytest.fail("models loaded before the check"))
+    with pytest.raises(ValueError) as err:
+        load_pair(_pair_cfg(checkpoints["student"], str(broken)))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"model.teacher.path={broken}: {broken / 'model.safetensors'} is "
+                                              "truncated"), msg
+    assert "download or copy the teacher again" in msg
+
+
+def test_an_error_inside_from_pretrained_names_the_role_and_path(checkpoints, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    def damaged(*a, **k):
+        raise SafetensorError("Error while deserializing header: incomplete metadata, file not fully covered")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", damaged)
+    with pytest.raises(RuntimeError) as err:
+        load_pair(_pair_cfg(checkpoints["student"], checkpoints["teacher"]))
+    msg = str(err.value)
+    assert msg.startswith(f"model.student.path={checkpoints['student']}: loading the student from") and \
+        "incomplete metadata" in msg and "\n" not in msg
+
+
+def test_a_model_folder_without_tokenizer_files_is_named(checkpoints, tmp_path):
+    bare = tmp_path / "bare"
+    tiny_qwen3(len(TOK), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+               ).save_pretrained(bare)
+    with pytest.raises(FileNotFoundError) as err:  # model.tokenizer is the student's folder, as in the qwen3 configs
+        load_pair(_pair_cfg(str(bare), checkpoints["teacher"]))
+    msg = str(err.value)
+    assert msg.startswith(f"model.tokenizer={bare}: the folder has no tokenizer files (none of tokenizer.json"), msg
+    assert "different tokenizers" not in msg
+    # a teacher folder without a tokenizer is fine: it uses model.tokenizer (was: "different tokenizers (1 tokens)")
+    pair = load_pair(_pair_cfg(checkpoints["student"], str(bare)))
+    assert len(pair.tokenizer) == len(TOK)

@@ -11,6 +11,8 @@ the field and the fix.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Mapping
@@ -43,7 +45,24 @@ _JSON_TYPE = {bool: "boolean", int: "number", float: "number", list: "array", di
 _SHAPE = '{"prompt": ..., "privileged": ..., "answer": ...}'
 
 
-def read_jsonl(path: Path, split: str, ignore_fields: tuple[str, ...] = ()) -> list[Example]:
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: far past any model's context; longer lines are runaway dumps (task.max_line_bytes)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def read_jsonl(path: Path, split: str, ignore_fields: tuple[str, ...] = (), *, max_line_bytes: int = MAX_LINE_BYTES,
+               check_answers: bool = True, images: dict | None = None) -> list[Example]:
     """Parse and validate one file; raise at the first bad line with `file:line: what; how to fix`.
 
     Messages quote with double quotes only, so they stay readable when Hydra shows them as a repr.
@@ -53,22 +72,52 @@ def read_jsonl(path: Path, split: str, ignore_fields: tuple[str, ...] = ()) -> l
                                 "directory, then the project root); fix the path or remove the split")
     known = set(REQUIRED) | set(OPTIONAL) | set(ignore_fields)
     rows: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():  # blank lines (a trailing newline, a separator) carry nothing
-                    rows.append(_row(line.rstrip("\r\n"), f"{path}:{lineno}", known, path.parent))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save the file as UTF-8 JSON lines") from None
+    images = {} if images is None else images  # image path -> None (opens) or the error, shared across files
+    with path.open("rb") as f:
+        for lineno in itertools.count(1):
+            raw = f.readline(max_line_bytes + 1)  # bounded: a 10 GB line without a newline is not read whole
+            if not raw:
+                break
+            where = f"{path}:{lineno}"
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise ValueError(f"{where}: the line is longer than task.max_line_bytes={max_line_bytes} bytes (a "
+                                 "runaway dump or a missing newline?); split or shorten it, or raise task.max_line_bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start + 1} of the line); save "
+                                 "the file as UTF-8 JSON lines") from None
+            if line.strip():  # blank lines (a trailing newline, a separator) carry nothing
+                rows.append(_row(line.rstrip("\r\n"), where, known, path.parent, check_answers, images))
     if not rows:
         raise ValueError(f"task.files.{split}: {path} is empty (no JSON lines); write one object per line, "
                          f"{_SHAPE}, or point task.files.{split} at another file")
     return rows
 
 
-def _row(line: str, where: str, known: set[str], folder: Path) -> Example:
+def _check_image(image: Path, where: str, images: dict) -> None:
+    """Open and decode the image once (JPEGs in draft mode: a reduced decode that still reads the whole file)."""
+    if str(image) not in images:
+        from PIL import Image
+
+        try:
+            with Image.open(image) as im:
+                im.draft("RGB", (64, 64))
+                im.load()
+            images[str(image)] = None
+        except Exception as err:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+            images[str(image)] = f"{type(err).__name__}: {err}".replace("'", '"')
+    if images[str(image)]:
+        raise ValueError(f'{where}: field "image" names {image}, which PIL cannot open ({images[str(image)]}); '
+                         "replace the file with a whole PNG or JPEG, or drop the line")
+
+
+def _row(line: str, where: str, known: set[str], folder: Path, check_answers: bool, images: dict) -> Example:
     try:
-        row = json.loads(line)
+        row = json.loads(line, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as err:
+        raise ValueError(f'{where}: field "{err}" appears more than once in the line (JSON would silently keep the '
+                         "last); keep one of them") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line must be one JSON "
                          f"object such as {_SHAPE}") from None
@@ -93,16 +142,33 @@ def _row(line: str, where: str, known: set[str], folder: Path) -> Example:
     for key in REQUIRED:
         if not row[key].strip():
             raise ValueError(f'{where}: field "{key}" is empty; give it text, or drop the line')
+    if check_answers and not answers.gold_parses(row["answer"]):
+        raise ValueError(f'{where}: field "answer" ({json.dumps(row["answer"])}) is not an answer math-verify can '
+                         "parse, so no response can be scored correct against it (only identical text would); write "
+                         'it as a number or LaTeX, e.g. "\\frac{1}{2}", or set task.check_answers=false')
     image = None
-    if row.get("image"):  # checked now, opened when a batch is built (dopd.view)
+    if row.get("image"):  # opened now (once per file), and again when a batch is built (dopd.view)
         image = Path(row["image"]).expanduser()
         image = image if image.is_absolute() else folder / image
         if not image.is_file():
             raise ValueError(f'{where}: field "image" names {image}, which does not exist; paths are relative to the '
                              "JSONL file's folder")
+        _check_image(image, where, images)
         image = str(image)
     return Example(question=row["prompt"], hint=row["privileged"], answer=row["answer"].strip(),
                    solution=row.get("solution", ""), domain=row.get("domain") or "default", image=image)
+
+
+def _check_train_is_not_evaluated(paths: dict[str, Path]) -> None:
+    """An evaluation split that is the training file (same path, or a copy) would score memorisation."""
+    (train, train_path), *evals = paths.items()
+    digest = hashlib.sha256(train_path.read_bytes()).hexdigest()
+    for split, p in evals:
+        same = "is the same file as" if p.resolve() == train_path.resolve() or p.samefile(train_path) else (
+            "has the same content as" if hashlib.sha256(p.read_bytes()).hexdigest() == digest else None)
+        if same:
+            raise ValueError(f"task.files.{split}: {p} {same} task.files.{train} ({train_path}): evaluating on the "
+                             f"training data measures memorisation; point task.files.{split} at held-out data")
 
 
 @dataclass
@@ -113,6 +179,8 @@ class JsonlTask:
     name: str = "jsonl"
     root: str | None = None  # project root: relative paths that do not exist from the cwd are tried there
     ignore_fields: list[str] = field(default_factory=list)  # extra columns to tolerate (ids, metadata)
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer line is an error naming file:line
+    check_answers: bool = True  # every answer must parse with math-verify (else nothing can score it)
     splits: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -121,8 +189,12 @@ class JsonlTask:
                              f"e.g. {{train: data/train.jsonl, test: data/test.jsonl}}; got {self.files!r}")
         self.files = {str(s): str(p) for s, p in self.files.items()}  # Hydra hands over a DictConfig
         self.splits = tuple(self.files)
-        self.rows = {s: read_jsonl(resolve(p, self.root), s, tuple(self.ignore_fields))
-                     for s, p in self.files.items()}
+        paths = {s: resolve(p, self.root) for s, p in self.files.items()}
+        images: dict = {}
+        self.rows = {s: read_jsonl(p, s, tuple(self.ignore_fields), max_line_bytes=int(self.max_line_bytes),
+                                   check_answers=bool(self.check_answers), images=images)
+                     for s, p in paths.items()}
+        _check_train_is_not_evaluated(paths)
 
     def examples(self, split: str, n: int, seed: int) -> list[Example]:
         return seeded_subset(self.name, self.rows, split, n, seed)
