@@ -454,6 +454,34 @@ def summarize_sweep(client, parent_id: str, experiment: str) -> str | None:
     return markdown
 
 
+def same_sweep_key(overrides: list[str]) -> list[str]:
+    """What makes two launches the same sweep: their overrides less those that change no result (resume, logger.*,
+    paths.*, ...: dopd.settings.NOT_A_RESULT)."""
+    return sorted(o for o in overrides
+                  if not any(_key(o) == x or _key(o).startswith(x + ".") for x in NOT_A_RESULT))
+
+
+def earlier_parent(client, config: DictConfig, overrides: list[str]):
+    """For a sweep relaunched with resume=true: the parent run of the newest earlier launch of the same sweep into
+    this output folder (its `<sweep dir>/mlflow_parent_run_id`), whose jobs resume=true continues; else None."""
+    want = same_sweep_key(overrides)
+    here = Path(config.hydra.sweep.dir).resolve()
+    files = sorted(Path(config.paths.output_dir).glob(f"multiruns/*/{PARENT_FILE}"), key=lambda p: p.stat().st_mtime,
+                   reverse=True)
+    for f in files:
+        if f.parent.resolve() == here:
+            continue
+        try:
+            run = client.get_run(f.read_text().strip())
+        except Exception as err:  # noqa: BLE001 (deleted, or from another store: not this sweep's)
+            log.debug("sweep parent in %s: %s", f, err)
+            continue
+        if (run.info.experiment_id == client.get_experiment_by_name(str(config.logger.experiment)).experiment_id
+                and same_sweep_key(run.data.tags.get("overrides", "").split()) == want):
+            return run
+    return None
+
+
 class MLflowSweepCallback(Callback):
     """Opens a parent run before a multirun's first job and closes it after the last, with the sweep's summary;
     prints the MLflow link of every job and of the sweep."""
@@ -469,6 +497,16 @@ class MLflowSweepCallback(Callback):
         exp = experiment_id(client, lc.experiment, artifact_location(uri, lc))
         overrides = sweep_overrides(config)
         swept = sweep_values(overrides)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        earlier = earlier_parent(client, config, overrides) if config.get("resume") is True else None
+        if earlier is not None:  # a relaunch with resume=true: its resumed jobs' runs are the earlier parent's children
+            client.update_run(earlier.info.run_id, status="RUNNING")
+            if "failed_jobs" in earlier.data.tags:  # from the launch that stopped; this one counts its own
+                client.delete_tag(earlier.info.run_id, "failed_jobs")
+            self._remember(config, client, earlier, uri, exp, overrides, sweep_dir)
+            log.info("resume=true: continuing the sweep %s under its MLflow parent run %s", earlier.info.run_name,
+                     earlier.info.run_id)
+            return
         name = lc.get("sweep_name") or f"sweep-{time.strftime('%m%d-%H%M%S')}"  # fits the UI's name column
         run = client.create_run(exp, run_name=name, tags={
             "sweep": "true", "overrides": " ".join(overrides)[:5000],
@@ -478,14 +516,16 @@ class MLflowSweepCallback(Callback):
                         [:5000]) for k, v in swept.items()]
         if params:
             client.log_batch(run.info.run_id, params=params)
+        self._remember(config, client, run, uri, exp, overrides, sweep_dir)
+        log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
+
+    def _remember(self, config, client, run, uri, exp, overrides, sweep_dir: Path) -> None:
         self.client, self.run_id, self.uri, self.exp_id = client, run.info.run_id, uri, exp
-        self.experiment, self.name = str(lc.experiment), name
+        self.experiment, self.name = str(config.logger.experiment), run.info.run_name
         os.environ[PARENT_ENV] = run.info.run_id
         os.environ[SWEEP_KEYS_ENV] = ",".join(swept_keys(overrides))
-        sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
-        log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         _job_logger.clear()

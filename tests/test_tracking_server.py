@@ -76,8 +76,8 @@ BOUND_S = 60  # what a dead server may cost a job: with logger.http_* at their d
 
 @pytest.mark.slow
 def test_a_server_that_dies_mid_run_ends_the_job_in_bounded_time(tmp_path):
-    """The server is killed after the job's first metric and checkpoint: the job exits non-zero within BOUND_S (MLflow's own
-    retries would take more than 10 minutes) with one line naming the server, the kept checkpoint and resume=true."""
+    """The server is killed after the job's first metric and checkpoint: the job exits non-zero within BOUND_S
+    (MLflow's own retries would take over 10 minutes) with one line naming the server, the checkpoint and resume."""
     out = tmp_path / "job"
     with _server(tmp_path) as (uri, server):
         job = [o for o in FAST if not o.startswith("trainer.max_steps")] + [
