@@ -222,15 +222,120 @@ def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
     parent = parent_run_id()
     if parent:
         tags["mlflow.parentRunId"] = parent
+    bound_http(uri, lc)
     # the experiment first, so that a new one is tagged as model training (MLFlowLogger would create it untagged)
     experiment_id(mlflow_client(uri), str(lc.experiment), artifact_location(uri, lc))
-    logger = MLFlowLogger(experiment_name=lc.experiment, run_name=run_name(cfg), tracking_uri=uri, tags=tags,
+    logger = _tracked_logger_class()(experiment_name=lc.experiment, run_name=run_name(cfg), tracking_uri=uri, tags=tags,
                           artifact_location=artifact_location(uri, lc), log_model=False, run_id=lc.get("run_id"))
     _job_logger[:] = [logger]  # for the link printed at the end of the job (MLflowSweepCallback.on_job_end)
     return logger
 
 
 _job_logger: list = []  # this process's current job's MLFlowLogger
+
+# What a tracking server that goes away may cost a job: MLflow's own defaults retry each call for about 4 minutes
+# (7 retries, backoff factor 2, 120 s timeout), and a job makes several calls on its way out.
+HTTP_SETTINGS = {"http_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "http_timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                 "http_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"}
+HTTP_DEFAULTS = {"http_max_retries": 2, "http_timeout": 10, "http_backoff_factor": 1}
+
+
+def bound_http(uri: str, lc: DictConfig) -> None:
+    """For a tracking server, bound MLflow's retries and timeout (logger.http_*; null: MLflow's default or the
+    environment's), so that a server that stops answering ends the job in seconds, not after many minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    for key, env in HTTP_SETTINGS.items():
+        value = lc.get(key, HTTP_DEFAULTS[key])
+        if value is not None:
+            os.environ[env] = str(int(value))
+
+
+class TrackingServerLost(ConnectionError):
+    """The tracking server stopped answering during a job (after MLflow's bounded retries)."""
+
+    def __init__(self, uri: str, err: BaseException):
+        detail = str(err).replace("\n", " ")
+        super().__init__(
+            f"MLflow tracking server {uri} stopped answering during the job ({detail[:300]}); the job stops. "
+            "Its last checkpoint is kept: once the server is back, rerun the same command with resume=true to "
+            "continue it.")
+
+
+def _is_connection_failure(err: BaseException) -> bool:
+    """An MLflow error that says the server did not answer (refused, reset, timed out, 5xx after retries)."""
+    import requests
+
+    seen = set()
+    e = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                          requests.exceptions.RetryError)):
+            return True
+        e = e.__cause__ or e.__context__
+    text = str(err)
+    return text.startswith("API request to") and ("failed with exception" in text or "timeout" in text)
+
+
+_tracking_calls = [0]  # > 0 while this process waits on an MLflow call of a job's logger (see _on_signal)
+
+
+class _ServerClient:
+    """The logger's MlflowClient, guarded: a call that finds the server gone raises TrackingServerLost once; after
+    that, calls return None at once (the run cannot be marked any more; waiting again would only delay the exit)."""
+
+    def __init__(self, client, logger):
+        self._client, self._logger = client, logger
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self._logger.server_lost:
+                return None
+            _tracking_calls[0] += 1
+            try:
+                return attr(*args, **kwargs)
+            except Interrupted:  # a signal during a slow call: spend little more time on the server on the way out
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+                os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+                raise
+            except Exception as err:
+                if not _is_connection_failure(err):
+                    raise
+                self._logger.server_lost = True
+                lost = TrackingServerLost(self._logger._tracking_uri, err)
+                log.error("%s", lost)
+                raise lost from err
+            finally:
+                _tracking_calls[0] -= 1
+
+        return call
+
+
+def _tracked_logger_class():
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class TrackedMLFlowLogger(MLFlowLogger):
+        """MLFlowLogger whose calls to a tracking server that went away end the job with one clear error."""
+
+        server_lost = False
+
+        @property
+        def experiment(self):
+            client = super().experiment
+            if not self._tracking_uri.startswith(("http://", "https://")) or not hasattr(client, "log_batch"):
+                return client
+            return _ServerClient(client, self)
+
+        def finalize(self, status: str = "success") -> None:
+            if not self.server_lost:
+                super().finalize(status)
+
+    return TrackedMLFlowLogger
 
 
 def mlflow_client(uri: str) -> mlflow.MlflowClient:
@@ -243,7 +348,7 @@ def print_job_link() -> None:
     """`MLflow run <name>: <link>` for the job that just ended in this process, if it opened a run."""
     logger = _job_logger.pop() if _job_logger else None
     run_id, exp_id = getattr(logger, "_run_id", None), getattr(logger, "_experiment_id", None)
-    if not run_id:  # stopped before its MLflow run opened (a config error): no link
+    if not run_id or getattr(logger, "server_lost", False):  # no run opened (a config error), or no server: no link
         return
     uri = logger._tracking_uri
     try:
@@ -349,6 +454,34 @@ def summarize_sweep(client, parent_id: str, experiment: str) -> str | None:
     return markdown
 
 
+def same_sweep_key(overrides: list[str]) -> list[str]:
+    """What makes two launches the same sweep: their overrides less those that change no result (resume, logger.*,
+    paths.*, ...: dopd.settings.NOT_A_RESULT)."""
+    return sorted(o for o in overrides
+                  if not any(_key(o) == x or _key(o).startswith(x + ".") for x in NOT_A_RESULT))
+
+
+def earlier_parent(client, config: DictConfig, overrides: list[str]):
+    """For a sweep relaunched with resume=true: the parent run of the newest earlier launch of the same sweep into
+    this output folder (its `<sweep dir>/mlflow_parent_run_id`), whose jobs resume=true continues; else None."""
+    want = same_sweep_key(overrides)
+    here = Path(config.hydra.sweep.dir).resolve()
+    files = sorted(Path(config.paths.output_dir).glob(f"multiruns/*/{PARENT_FILE}"), key=lambda p: p.stat().st_mtime,
+                   reverse=True)
+    for f in files:
+        if f.parent.resolve() == here:
+            continue
+        try:
+            run = client.get_run(f.read_text().strip())
+        except Exception as err:  # noqa: BLE001 (deleted, or from another store: not this sweep's)
+            log.debug("sweep parent in %s: %s", f, err)
+            continue
+        if (run.info.experiment_id == client.get_experiment_by_name(str(config.logger.experiment)).experiment_id
+                and same_sweep_key(run.data.tags.get("overrides", "").split()) == want):
+            return run
+    return None
+
+
 class MLflowSweepCallback(Callback):
     """Opens a parent run before a multirun's first job and closes it after the last, with the sweep's summary;
     prints the MLflow link of every job and of the sweep."""
@@ -359,10 +492,21 @@ class MLflowSweepCallback(Callback):
 
         lc = config.logger
         uri = check_tracking_uri(str(lc.tracking_uri))
+        bound_http(uri, lc)
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp = experiment_id(client, lc.experiment, artifact_location(uri, lc))
         overrides = sweep_overrides(config)
         swept = sweep_values(overrides)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        earlier = earlier_parent(client, config, overrides) if config.get("resume") is True else None
+        if earlier is not None:  # a relaunch with resume=true: its resumed jobs' runs are the earlier parent's children
+            client.update_run(earlier.info.run_id, status="RUNNING")
+            if "failed_jobs" in earlier.data.tags:  # from the launch that stopped; this one counts its own
+                client.delete_tag(earlier.info.run_id, "failed_jobs")
+            self._remember(config, client, earlier, uri, exp, overrides, sweep_dir)
+            log.info("resume=true: continuing the sweep %s under its MLflow parent run %s", earlier.info.run_name,
+                     earlier.info.run_id)
+            return
         name = lc.get("sweep_name") or f"sweep-{time.strftime('%m%d-%H%M%S')}"  # fits the UI's name column
         run = client.create_run(exp, run_name=name, tags={
             "sweep": "true", "overrides": " ".join(overrides)[:5000],
@@ -372,14 +516,16 @@ class MLflowSweepCallback(Callback):
                         [:5000]) for k, v in swept.items()]
         if params:
             client.log_batch(run.info.run_id, params=params)
+        self._remember(config, client, run, uri, exp, overrides, sweep_dir)
+        log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
+
+    def _remember(self, config, client, run, uri, exp, overrides, sweep_dir: Path) -> None:
         self.client, self.run_id, self.uri, self.exp_id = client, run.info.run_id, uri, exp
-        self.experiment, self.name = str(lc.experiment), name
+        self.experiment, self.name = str(config.logger.experiment), run.info.run_name
         os.environ[PARENT_ENV] = run.info.run_id
         os.environ[SWEEP_KEYS_ENV] = ",".join(swept_keys(overrides))
-        sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
-        log.info("MLflow parent run %s (%s) for this sweep", name, run.info.run_id)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         _job_logger.clear()
@@ -455,8 +601,9 @@ def _on_signal(signum: int, frame) -> None:
     _received.append(signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
-    if signal.getsignal(signum) is not _on_signal:  # called from Lightning's SIGTERM handler inside trainer.fit:
-        return                                       # Lightning stops after the current step (SIGTERMException)
+    if signal.getsignal(signum) is not _on_signal and not _tracking_calls[0]:  # called from Lightning's SIGTERM
+        return  # handler inside trainer.fit: Lightning stops after the current step (SIGTERMException); but not while
+    # the step waits on a slow tracking server (retries, timeouts): then the signal interrupts that call at once
     raise Interrupted(signum)
 
 

@@ -149,3 +149,48 @@ def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(errors)[-3000:]
     names = {e.name for e in mlflow.MlflowClient(uri).search_experiments()}
     assert {"e0", "e1", "e2"} <= names
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_relaunched_with_resume_continues_under_its_parent(tmp_path):
+    """The documented sweep recovery: a 2-job sweep SIGKILLed after its first job's checkpoint, relaunched with the
+    same command plus resume=true, ends as one FINISHED parent with both children FINISHED under it, which
+    dopd.report finds (before, the resumed run stayed under the old RUNNING parent and the new one was empty)."""
+    import os
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job = [o for o in FAST if not o.startswith(("trainer.max_steps", "eval.every"))]
+    cmd = [sys.executable, "train.py", "-m", "router=vanilla,dopd", "seed=1", *job, "trainer.max_steps=8",
+           "eval.every=4", "checkpoint_every=2", f"logger.tracking_uri={uri}", f"paths.output_dir={tmp_path}",
+           "logger.sweep_name=recover"]
+    root = CONF.rsplit("/", 1)[0]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("multiruns/*/0_*/checkpoints/last.ckpt")) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob("multiruns/*/0_*/checkpoints/last.ckpt")), "no checkpoint before the kill"
+    assert not list(tmp_path.glob("multiruns/*/1_*/checkpoints/last.ckpt")), "killed too late"
+
+    res = subprocess.run([*cmd, "resume=true"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("dopd").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3, [r.info.run_name for r in runs]
+    (parent,) = parents
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "recover"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert sorted(c.info.run_name for c in children) == ["dopd-seed1", "vanilla-seed1"]
+    assert "resume=true: continuing the sweep recover" in res.stderr + res.stdout
+    rep = subprocess.run([sys.executable, "-m", "dopd.report", "dopd", "--sweep", "recover", "--tracking-uri", uri,
+                          "--curves", ""], cwd=root, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert "| vanilla |" in rep.stdout and "| dopd |" in rep.stdout, rep.stdout[-3000:]

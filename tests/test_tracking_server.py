@@ -8,18 +8,21 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from dopd.pipeline import run
-from tests.conftest import FAST, compose_cfg, free_port
+from tests.conftest import CONF, FAST, compose_cfg, free_port
+
+ROOT = Path(CONF).parent
 
 
-
-@pytest.fixture
-def mlflow_server(tmp_path):
+@contextmanager
+def _server(tmp_path):
+    """(uri, process) of an `mlflow server` in its own process group, stopped at the end unless already dead."""
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -37,10 +40,19 @@ def mlflow_server(tmp_path):
                 if time.time() > deadline or proc.poll() is not None:
                     pytest.fail("mlflow server did not start")
                 time.sleep(0.5)
-        yield uri
+        yield uri, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with _server(tmp_path) as (uri, _):
+        yield uri
 
 
 @pytest.mark.slow
@@ -57,3 +69,45 @@ def test_run_logs_to_a_tracking_server(mlflow_server, tmp_path, capsys):
     print_job_link()  # what train.py's job end prints: the server's own UI
     link = f"{mlflow_server}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}?workflowType=machine_learning"
     assert f"MLflow run {r.info.run_name}: {link}\n" in capsys.readouterr().out
+
+
+BOUND_S = 60  # what a dead server may cost a job: with logger.http_* at their defaults, seconds in practice
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_ends_the_job_in_bounded_time(tmp_path):
+    """The server is killed after the job's first metric and checkpoint: the job exits non-zero within BOUND_S
+    (MLflow's own retries would take over 10 minutes) with one line naming the server, the checkpoint and resume."""
+    out = tmp_path / "job"
+    with _server(tmp_path) as (uri, server):
+        job = [o for o in FAST if not o.startswith("trainer.max_steps")] + [
+            "router=dopd", "trainer.max_steps=100000", "checkpoint_every=1", f"paths.output_dir={out}",
+            f"logger.tracking_uri={uri}", f"hydra.run.dir={out}/runs/x"]
+        proc = subprocess.Popen([sys.executable, "train.py", *job], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            client = mlflow.MlflowClient(uri)
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                exp = client.get_experiment_by_name("dopd")
+                runs = client.search_runs([exp.experiment_id]) if exp else []
+                if runs and runs[0].data.metrics and list(out.glob("runs/x/checkpoints/last.ckpt")):
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            os.killpg(server.pid, signal.SIGKILL)
+            killed = time.time()
+            try:
+                text, _ = proc.communicate(timeout=BOUND_S + 60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the job still runs {BOUND_S + 60} s after its tracking server died")
+            took = time.time() - killed
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    print(f"job exited {took:.1f} s after its tracking server died; its last lines:\n{text[-1500:]}")
+    assert proc.returncode != 0
+    assert took < BOUND_S, f"{took:.0f} s"
+    assert f"MLflow tracking server {uri} stopped answering" in text, text[-3000:]
+    assert "resume=true" in text
+    assert list(out.glob("runs/x/checkpoints/last.ckpt"))
