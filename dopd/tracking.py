@@ -209,7 +209,6 @@ def swept_keys(overrides: list[str]) -> list[str]:
 
 
 def make_logger(cfg: DictConfig, root: Path) -> MLFlowLogger:
-    from lightning.pytorch.loggers import MLFlowLogger
 
     lc = cfg.logger
     uri = check_tracking_uri(str(lc.tracking_uri))
