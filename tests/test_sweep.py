@@ -194,3 +194,16 @@ def test_a_killed_sweep_relaunched_with_resume_continues_under_its_parent(tmp_pa
                           "--curves", ""], cwd=root, capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert "| vanilla |" in rep.stdout and "| dopd |" in rep.stdout, rep.stdout[-3000:]
+
+
+def test_a_sweep_whose_config_fails_to_compose_leaves_no_running_parent(tmp_path):
+    """A job override that names no option fails the sweep's compose: the parent run, if opened, ends FAILED."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "train.py", "-m", "router=vanilla,nonexistent_router", *FAST, f"logger.tracking_uri={uri}",
+           f"paths.output_dir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=CONF.rsplit("/", 1)[0], capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "nonexistent_router" in res.stderr
+    if (tmp_path / "mlflow.db").exists():
+        client = mlflow.MlflowClient(uri)
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
