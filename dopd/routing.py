@@ -272,12 +272,6 @@ def _zscore(x: torch.Tensor, valid: torch.Tensor, trim_top: float) -> torch.Tens
     return (x - mu) / sd.clamp_min(1e-8)
 
 
-def prune_mask(mask: torch.Tensor, spec: PruneSpec, gap: Gap | None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Tokens kept [B, T] after dropping `fraction` of the masked-in ones (Fig. 4)."""
-    kept = pruned_keep(int(mask.sum()), spec, None if gap is None else gap.advantage[mask], generator)
-    return mask.clone().masked_scatter(mask, kept)
-
-
 def pruned_keep(n: int, spec: PruneSpec, advantage: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Which of n tokens [N] stay after dropping floor(fraction * n): at random, or those of highest/lowest A."""
