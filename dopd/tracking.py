@@ -614,6 +614,11 @@ def catch_signals() -> None:
             signal.signal(sig, _on_signal)
 
 
+def received_signal() -> int | None:
+    """The last SIGTERM/SIGINT this process caught, if any (train.py: one that came as a sweep job ended)."""
+    return _received[-1] if _received else None
+
+
 def interrupt_signal(err: BaseException | None) -> int | None:
     """The signal behind an exception, if it is an interruption: `Interrupted`, Lightning's SIGTERMException (a
     SystemExit without code) or KeyboardInterrupt, which Lightning turns into sys.exit(1) (then its context)."""

@@ -91,6 +91,7 @@ def test_a_kill_during_the_final_evaluation_loses_no_evaluation(tmp_path):
 
     while not logged("train/loss", 7) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)  # the last step's metrics are out: its evaluation (slow here) is running now
+    assert proc.poll() is None, f"the run ended (status {proc.returncode}) before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not logged("eval/acc/avg", 8), "the final evaluation finished before the kill"
