@@ -74,13 +74,15 @@ def test_a_kill_during_the_final_evaluation_loses_no_evaluation(tmp_path):
     slow_eval = ["data.n_eval=256", "eval.pass_k=4", "checkpoint_every=4"]
     ref_out, out = tmp_path / "ref", tmp_path / "crash"
     subprocess.run(_cmd(ref_out, *slow_eval), cwd=ROOT, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_cmd(out, *slow_eval), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    err_log = tmp_path / "crash.err"
+    with open(err_log, "w") as err_file:
+        proc = subprocess.Popen(_cmd(out, *slow_eval), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file,
+                                start_new_session=True)
     deadline = time.time() + 300
 
     def logged(key: str, step: int) -> bool:
-        if not (out / "mlflow.db").exists():
-            return False
+        if not list(out.glob("runs/*/checkpoints/last.ckpt")):  # the store is set up by then: a client opened
+            return False  # earlier would race the job's own creation of its tables
         try:
             client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
             exp = client.get_experiment_by_name("dopd")
@@ -91,7 +93,7 @@ def test_a_kill_during_the_final_evaluation_loses_no_evaluation(tmp_path):
 
     while not logged("train/loss", 7) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)  # the last step's metrics are out: its evaluation (slow here) is running now
-    assert proc.poll() is None, f"the run ended (status {proc.returncode}) before it could be killed"
+    assert proc.poll() is None, f"the run ended (status {proc.returncode}) before its kill: {err_log.read_text()[-2000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not logged("eval/acc/avg", 8), "the final evaluation finished before the kill"
