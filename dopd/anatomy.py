@@ -68,7 +68,11 @@ def probe(module, examples) -> dict[str, float]:
         kinds_of = getattr(module.task, "token_kinds", None)
         kinds = [kinds_of(p) if kinds_of else ["token"] * len(p) for p in token_strings(tok, tokens)]
         eos = tokens == tok.eos_token_id
-        regime = None
+        picked = tokens.clamp_min(0).unsqueeze(-1)
+        q_s = q_plain.gather(-1, picked).squeeze(-1).exp()  # the trained student's p(sampled token)
+        of_kind = {kind: torch.tensor([[k == kind for k in row] for row in kinds], device=mask.device) & ~eos
+                   for kind in sorted({k for row in kinds for k in row})}
+        of_kind["eos"] = eos
         for i, name in enumerate(REGIMES):
             alone = replace(spec, rules={g: (spec.rules[g] if g == name else None) for g in spec.rules})
             student.zero_grad(set_to_none=True)
@@ -78,22 +82,17 @@ def probe(module, examples) -> dict[str, float]:
                 res.loss.backward()
             grads = [p.grad.flatten() for p in student.parameters() if p.grad is not None]
             out[f"anatomy/{name}/grad_norm"] = float(torch.cat(grads).norm()) if grads else 0.0
-            regime = res.regime
-            sel = regime == i
+            sel = res.regime == i
             n, total = int(sel.sum()), int(mask.sum())
             out[f"anatomy/{name}/share"] = n / max(1, total)
             rule = spec.rule_list(name)[0] if spec.rule_list(name) else None
-            picked = tokens.clamp_min(0).unsqueeze(-1)
-            q_s = q_plain.gather(-1, picked).squeeze(-1).exp()
             out[f"anatomy/{name}/q_student"] = float(q_s[sel].mean()) if n else float("nan")
             out[f"anatomy/{name}/eos_q_student"] = float(q_s[sel & eos].mean()) if (sel & eos).any() else float("nan")
             if rule is not None:
                 q_t = targets[rule.target].float().log_softmax(-1).gather(-1, picked).squeeze(-1).exp()
                 out[f"anatomy/{name}/q_target"] = float(q_t[sel].mean()) if n else float("nan")
-            for kind in sorted({k for row in kinds for k in row} | {"eos"}):
-                of_kind = torch.tensor([[k == kind for k in row] for row in kinds], device=mask.device) & ~eos \
-                    if kind != "eos" else eos
-                out[f"anatomy/{name}/{kind}/share"] = int((sel & of_kind & mask).sum()) / max(1, total)
+            for kind, where in of_kind.items():
+                out[f"anatomy/{name}/{kind}/share"] = int((sel & where & mask).sum()) / max(1, total)
     finally:
         student.zero_grad(set_to_none=True)
         student.train(was_training)

@@ -173,7 +173,7 @@ class DistillModule(L.LightningModule):
         (summed over processes) and its figures. Each micro-batch is backpropagated as soon as its loss is known,
         so one micro-batch's passes are in memory at a time."""
         selections, kept = self.step_selection(parts)
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self._world_size
         n_seq = int(self._sum_over_ranks(sum(int((p.lengths > 0).sum()) for p in parts)))
         loss, logs = torch.zeros((), device=self.device), []
         for part, selection, targets in zip(parts, selections, kept):
@@ -190,7 +190,7 @@ class DistillModule(L.LightningModule):
                 entropy, diag = step_diagnostics(student_logits, targets, part.mask, self.diag_top_k)
             logs.append((int(part.mask.sum()), {"entropy": entropy, **out.stats, **diag}))
             del student_logits, targets, out
-        return self._sum_over_ranks(loss), _token_weighted(logs, keep=selections[0])
+        return self._sum_over_ranks(loss), _token_weighted(logs, selections[0])
 
     def step_rollouts(self, batch) -> list[Rollout]:
         """All of the step's rollouts on this process, from the same weights, in calls of `rollout.batch_size` rows
@@ -218,7 +218,7 @@ class DistillModule(L.LightningModule):
         Nothing to do (None for each part) when the router selects nothing or the step is one batch already."""
         none = [None] * len(parts)
         spec = self.router
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self._world_size
         if not spec.selects or spec.gap.scope == "micro_batch" or (len(parts) == 1 and world == 1):
             return none, none
         scores, kept, counts = [], [], []
@@ -238,9 +238,14 @@ class DistillModule(L.LightningModule):
         mine = slice(offset, offset + sum(counts))
         return Selection(selection.group[mine], selection.regime[mine], selection.stats).split(counts), kept
 
+    @property
+    def _world_size(self) -> int:
+        """Processes of the step (1 outside a Trainer: tests and scripts call the step's pieces directly)."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def _sum_over_ranks(self, value) -> torch.Tensor:
         value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._world_size == 1:
             return value
         return self.trainer.strategy.reduce(value, reduce_op="sum")
 
@@ -428,14 +433,14 @@ def _mean(values, device) -> float:
     return float(metric.compute())
 
 
-def _token_weighted(logs: list[tuple[int, dict]], keep=None) -> dict[str, float]:
+def _token_weighted(logs: list[tuple[int, dict]], selection: Selection | None = None) -> dict[str, float]:
     """The step's figures from its micro-batches': each weighted by its response tokens (exact for fractions and
     means over all tokens; a mean over a regime's tokens or a quantile is approximate). The bars of a step-wide
     selection are the same in every micro-batch and stay as they are."""
     total = sum(n for n, _ in logs) or 1
     keys = dict.fromkeys(k for _, stats in logs for k in stats)
     return {k: sum(n * float(stats[k]) for n, stats in logs if k in stats) / total
-            if keep is None or k not in keep.stats else keep.stats[k] for k in keys}
+            if selection is None or k not in selection.stats else selection.stats[k] for k in keys}
 
 
 def _rank_offset(n: int, world: int) -> tuple[int, int]:

@@ -293,14 +293,14 @@ def pruned_keep(n: int, spec: PruneSpec, advantage: torch.Tensor | None = None,
 # -- which rule each token gets: per-token scores, then a selection over any set of tokens ---------------------
 @torch.no_grad()
 def token_scores(spec: RouterSpec, tokens: torch.Tensor, student_logits: torch.Tensor | None,
-                 targets: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+                 targets: dict[str, torch.Tensor | None], gap: Gap | None = None) -> dict[str, torch.Tensor]:
     """The per-token numbers [B, T] a router's selection reads: the gap's two log-probabilities (when both
     privileged passes ran), the teacher's entropy (entropy grouping), the student's entropy and its disagreement
     with the reference teacher at the sampled token (tip grouping). Small: what a step keeps of its passes to
-    select over all of its tokens at once."""
+    select over all of its tokens at once. `gap`: the privileged gap if the caller already has it."""
     out = {}
-    if targets.get("teacher_priv") is not None and targets.get("student_priv") is not None:
-        gap = Gap.from_logits(targets["teacher_priv"], targets["student_priv"], tokens, spec.temperature)
+    gap = gap or _privileged_gap(spec, tokens, targets)
+    if gap is not None:
         out.update(log_q_teacher=gap.log_q_teacher, log_q_student=gap.log_q_student)
     if spec.grouping == "entropy":
         out["teacher_entropy"] = token_entropy(targets[spec.reference_target])
@@ -310,6 +310,13 @@ def token_scores(spec: RouterSpec, tokens: torch.Tensor, student_logits: torch.T
         out["disagree"] = (sampled_logprob(ref, tokens, spec.temperature)
                            - sampled_logprob(student_logits, tokens, spec.temperature)).abs()
     return out
+
+
+def _privileged_gap(spec: RouterSpec, tokens: torch.Tensor, targets: dict) -> Gap | None:
+    """Eq. 1's two log-probabilities when both privileged passes ran, else None."""
+    if targets.get("teacher_priv") is None or targets.get("student_priv") is None:
+        return None
+    return Gap.from_logits(targets["teacher_priv"], targets["student_priv"], tokens, spec.temperature)
 
 
 @torch.no_grad()
@@ -369,8 +376,9 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
         if targets[name].shape != student_logits.shape:
             raise ValueError(f"{name} logits have shape {tuple(targets[name].shape)}, the student's "
                              f"{tuple(student_logits.shape)}: passes are not aligned")
-    scores = token_scores(spec, tokens, student_logits, targets)
+    gap = _privileged_gap(spec, tokens, targets)  # for the figures; the selection reads it too when it is made here
     if selection is None:
+        scores = token_scores(spec, tokens, student_logits, targets, gap)
         selection = select_tokens(spec, {k: v[mask] for k, v in scores.items()}, int(mask.sum()), generator)
     unset = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
     regime, group = unset.masked_scatter(mask, selection.regime), unset.masked_scatter(mask, selection.group)
@@ -405,7 +413,6 @@ def routed_loss(spec: RouterSpec, student_logits: torch.Tensor, tokens: torch.Te
     else:
         # An empty fp32 sum: 0 with a graph (backward() and DDP still work), fp32 and finite whatever the logits.
         loss = student_logits[..., :0].float().sum()
-    gap = Gap(scores["log_q_teacher"], scores["log_q_student"]) if "log_q_teacher" in scores else None
     stats.update(_regime_stats(regime, token_loss, mask, gap))
     return RoutedLoss(loss=loss, token_loss=token_loss, regime=regime, stats=stats)
 
